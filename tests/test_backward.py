@@ -69,9 +69,8 @@ def test_query_gradient_trace_formula_matches_the_definition():
     logits = rng.standard_normal((7, 7))
     a = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     pi = np.eye(7) + 0.1
-    layer = Attention(scores="tied").resolve({"L": 1.0, "l": 1.0})
     from kernelprop.kernel.attention import Dense as DenseMix
-    got = B._query_grad(layer, [(1.0, DenseMix((7,), [a]))], s, pi, (7,))
+    got, _ = B._score_terms([(1.0, DenseMix((7,), [a]))], s, pi, with_pi=False)
     assert got == pytest.approx(np.sum(pi * s * naive_query_trace(a, s)), rel=1e-12)
 
 

@@ -8,8 +8,11 @@ Per-layer backward maps (the transpose of each forward map's Jacobian, averaged 
 * activation: ``Π_x = scale² Π_h ⊙ E[φ'(u_i)φ'(u_j)]``;
 * LayerNorm / RMSNorm: ``Π_x,ij = g²/(s_i s_j) Π_y,ij`` (the mean and x̂ projections are O(1/d));
 * dropout: diagonal divided by ``1 − p``;
-* attention: ``Π_X = σ_v²σ_o² (1/H) Σ_h A_hᵀ Π_Y A_h`` (the path through the scores vanishes at zero
-  queries and is O(1/d) under tied 1/d scores); weight-free mixing ``Mᵀ Π M``;
+* attention: ``Π_X = σ_v²σ_o² (1/H) Σ_h A_hᵀ Π_Y A_h`` plus the path through the scores, which vanishes
+  at zero queries and is O(1/d) under tied 1/d scores, but with independent queries and keys at
+  1/sqrt(d_k) (``scores="standard"``) adds ``σ_qk²σ_v²σ_o² (1/H) Σ_h E_A[Π ⊙ T + Σ_ik Π_ik Σ_ik J_i Σ J_k]``,
+  ``T_ik = tr(J_i Σ J_k Σ)`` (``G_Q = dS K/√d_k``, ``G_K = dSᵀQ/√d_k``; derived here); weight-free
+  mixing ``Mᵀ Π M``;
 * residual/parallel ``y = αx + Σβ_b f_b``: ``Π_x = α²Π + Σβ_b² B_b(Π) + Σ_{pairs} w_a w_b (P_aᵀΠP_b + P_bᵀΠP_a)``
   with ``P`` the linear part of each stream (identity for the skip; zero after fresh weights).
 
@@ -17,10 +20,13 @@ Parameter-gradient norms, reported per model width d (``E‖∂L/∂W‖_F² / d
 
 * Dense: ``w_in Σ_ij Σ_ij Π_ij`` (``w_in`` = input width / d);
 * values / output projection: ``σ_o² ⟨AΣAᵀ, Π⟩`` / ``σ_v² ⟨AΣAᵀ, Π⟩`` (head-averaged);
-* queries, with keys ``N(0, σ_k²/d)``, zero queries and 1/sqrt(d_k) scores (derived here):
+* queries, with keys ``N(0, σ_k²/d)`` and 1/sqrt(d_k) scores (derived here):
   ``σ_k²σ_v²σ_o² (1/H)Σ_h Σ_ik Π_ik Σ_ik tr(J_i Σ J_k Σ)`` with the softmax Jacobian
-  ``J_i = diag(a_i) − a_i a_iᵀ``; keys get zero gradient at zero queries. Under rank collapse
-  (``Σ ∝ 11ᵀ``) ``J_i Σ = 0``, so the query gradient vanishes (Noci et al. 2022).
+  ``J_i = diag(a_i) − a_i a_iᵀ``, summed over all token pairs of the batch (a cross-sequence pair
+  counts unless the cross block of Σ is constant). Zero queries: ``σ_k² = σ_qk²`` (keys get zero
+  gradient); standard scores: ``σ_k² = 1``, ``W_Q ~ N(0, σ_qk²/d)``, A averaged over the draws (the keys'
+  norm is σ_qk² times the same); tied 1/d scores: the query role only, rescaled by d_k. Under rank
+  collapse (``Σ ∝ 11ᵀ``) ``J_i Σ = 0``, so the query gradient vanishes (Noci et al. 2022).
 """
 
 from __future__ import annotations
@@ -128,10 +134,16 @@ def _back_attention(d, pi, grads):
         grads.append((d["path"], "values", so * mixed))
     if layer.projection == "dense":
         grads.append((d["path"], "output", sv * mixed))
-    q = _query_grad(layer, heads, sigma, pi, d["segments"])
-    if q is not None:
-        grads.append((d["path"], "queries", layer.qk_var * sv * so * q))
-    return (sv * so) * out
+    if layer.spa != "none":
+        return (sv * so) * out          # SPA fixes the matrix through D_l and B_l: no score weights
+    standard = layer.scores == "standard"
+    q, score_pi = _score_terms(heads, sigma, pi, standard)
+    # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
+    grads.append((d["path"], "queries", (1.0 if standard else layer.qk_var) * sv * so * q))
+    out = (sv * so) * out
+    if standard:
+        out = out + (layer.qk_var * sv * so) * score_pi
+    return out
 
 
 def _softmax_part(m):
@@ -141,24 +153,32 @@ def _softmax_part(m):
     return m.dense(), 1.0
 
 
-def _query_grad(layer, heads, sigma, pi, segments):
-    """``(1/H) Σ_h Σ_ik Π_ik Σ_ik tr(J_i Σ J_k Σ)``, block-diagonal over sequences (O(T³))."""
-    if layer.spa != "none" or layer.scores == "standard":
-        return None    # SPA fixes the matrix through D_l and B_l; random queries need a second score path
-    total = 0.0
+def _score_terms(heads, sigma, pi, with_pi: bool):
+    """Head-averaged terms through the softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ`` (full N×N: a batch's
+    query gradient sums over every token pair, cross-sequence ones included), with ``W = Π ⊙ Σ``:
+
+    * ``q = (1/H) Σ_h Σ_ik W_ik T_ik``, ``T_ik = tr(J_i Σ J_k Σ)`` — the query-gradient norm per unit key
+      variance;
+    * if ``with_pi``, ``(1/H) Σ_h [Π ⊙ T + Σ_ik W_ik J_i Σ J_k]`` — the gradient kernel that 1/sqrt(d_k)
+      scores send back through queries and keys (O(1/d) for zero or tied 1/d scores). O(N³) per head.
+    """
+    total, extra = 0.0, (np.zeros_like(pi) if with_pi else None)
     for w, m in heads:
         a, weight = _softmax_part(m)
         if a is None:
             continue
-        for sl in attention.segment_slices(segments):
-            A, S, P = a[sl, sl], sigma[sl, sl], pi[sl, sl]
-            ws = A @ S
-            asa = ws @ A.T
-            t1 = A @ (S * S) @ A.T
-            t2 = (ws * ws) @ A.T
-            tr = t1 - t2 - t2.T + asa * asa
-            total += w * weight * float(np.sum(P * S * tr))
-    return total
+        ws = a @ sigma
+        asa = ws @ a.T
+        t = a @ (sigma * sigma) @ a.T
+        t2 = (ws * ws) @ a.T
+        t = t - t2 - t2.T + asa * asa
+        wpi = pi * sigma
+        total += w * weight * float(np.sum(wpi * t))
+        if with_pi:
+            u = ((a.T @ wpi) * ws.T) @ a
+            k2 = sigma * (a.T @ wpi @ a) - u - u.T + a.T @ (wpi * asa) @ a
+            extra += (w * weight) * (pi * t + k2)
+    return total, extra
 
 
 def _back_sum(d, pi, grads):
@@ -280,11 +300,11 @@ def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", r
     for u, (section, l, layer) in enumerate(units):
         if u % k == 0:
             checkpoints[u] = s
-        ctx.where = _label(section, l, layer)
+        ctx.where = unit_label(section, l, layer)
         ctx.unit(u)
         s = _checked(apply(layer, s, ctx), ctx.where, layer, flush=True)
     pi = output_gradient(output_grad, n, rho)
-    rec = [_record(units, u, every) for u in range(len(units))]
+    rec = [record_at(units, u, every) for u in range(len(units))]
     labels, blocks, kernels, rows, grads = [], [], [], [], []
 
     def keep(label_block, p):
@@ -307,7 +327,7 @@ def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", r
             states.append(apply(units[u][2], states[-1], ctx))
         for u in reversed(seg):
             section, l, layer = units[u]
-            where = _label(section, l, layer)
+            where = unit_label(section, l, layer)
             ctx.where = where
             ctx.unit(u)
             _, node = _tape(layer, states[u - start], ctx, where)
@@ -334,14 +354,14 @@ def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", r
                               forward=fwd)
 
 
-def _label(section, l, layer):
+def unit_label(section, l, layer):
     return f"block {l}" if section == "block" else f"{section} · {layer.kind}"
 
 
-def _record(units, u, every):
+def record_at(units, u, every):
     """``(label, block)`` of the forward record at the output of unit ``u``, or None (as :func:`propagate`)."""
     section, l, _ = units[u]
     last = u + 1 == len(units) or units[u + 1][0] != section
     if section == "block":
-        return (f"block {l}", l) if (l % every == 0 or l == units[u][1] and last) else None
+        return (f"block {l}", l) if (l % every == 0 or last) else None
     return (section, l) if last else None
