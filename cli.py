@@ -361,6 +361,12 @@ def check(
     sublayers: bool = typer.Option(False, help="Also record after each top-level layer of a block."),
     all_rows: bool = typer.Option(False, "--all", help="Print every comparison (long table)."),
     rows: int = typer.Option(24, help="Records in the printed summary (failing ones are always shown)."),
+    gradients: bool = typer.Option(False, "--gradients", help="Also compare the backward pass: gradient kernels, "
+                                   "grad_q_mean, grad_cos_mean and per-block parameter-gradient norms, against real "
+                                   "backpropagation through the same finite networks (explicit weights)."),
+    output_grad: str = typer.Option("identity", help="With --gradients: output gradient kernel, identity or "
+                                    "equicorrelated."),
+    grad_rho: float = typer.Option(0.0, help="With --gradients: correlation of the equicorrelated output gradient."),
 ):
     """Compare the infinite-width theory of SPEC with finite-width simulations; exit 3 if they disagree."""
     with _errors():
@@ -371,12 +377,20 @@ def check(
             from kernelprop.errors import SpecError
             raise SpecError("--alpha", alpha, "must lie in (0, 1)")
         s = load(_spec_path(spec), depth=depth, params=_params(set_))
+        extra = dict(gradients=True, output_grad=output_grad, rho=grad_rho) if gradients else {}
         cmp, *_ = _with_progress(lambda cb: mc.check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
-            init=init, input_kind=inputs, scores=scores, progress=cb), s.network.depth)
+            init=init, input_kind=inputs, scores=scores, progress=cb, **extra), s.network.depth)
         title = f"{s.network.name or spec} — theory vs simulation, {s.inputs.description}"
-        out.print(rows_table(cmp) if all_rows else comparison_table(cmp, most=rows, title=title))
+        if all_rows:
+            out.print(rows_table(cmp))
+        elif gradients:
+            out.print(comparison_table(cmp.parts["forward"], most=rows, title=title))
+            out.print(mc.gradient_table(cmp.parts["gradients"], most=rows,
+                                        title=f"{s.network.name or spec} — gradients, output gradient {output_grad}"))
+        else:
+            out.print(comparison_table(cmp, most=rows, title=title))
         if cmp.agree:
             out.print(f"[green]AGREE[/green]: all {cmp.n_tested} comparisons within the criterion "
                       f"(max |z| = {cmp.max_abs_z:.2f}, k = {cmp.k:.2f})")

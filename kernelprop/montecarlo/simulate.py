@@ -74,6 +74,46 @@ class Simulation:
                           kernels=self.kernels, meta=self.meta)
 
 
+def measure_batch(label, x, segments, spectral, dong):
+    """Empirical kernels ``X Xᵀ/w`` of a (B, N, w) batch, the per-token means and every seed's measures
+    (plus Dong et al.'s residual with ``dong``); overflow raises with the record label."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        kern = np.matmul(x, np.swapaxes(x, -1, -2)) / x.shape[-1]
+    if not np.all(np.isfinite(kern)):
+        raise NumericalError(label, "the empirical kernel X Xᵀ/w overflows (the features grew beyond 1e154)",
+                             "lower weight_var / branch weights, add a normalisation layer, or reduce the depth")
+    kern = 0.5 * (kern + np.swapaxes(kern, -1, -2))
+    mean = x.mean(axis=-1)
+    rows = [M.compute(kern[b], segments, mean[b], spectral=spectral) for b in range(len(x))]
+    if dong:
+        res = dong_residual(x, segments)
+        for b, row in enumerate(rows):
+            row["dong_residual"] = float(res[b])
+    return kern, mean, rows
+
+
+def check_options(inputs: Inputs, width, seeds, every, init, input_kind, scores, record) -> None:
+    """The run options shared by :func:`simulate` and the backward pass, checked before any work."""
+    _check_int("--width", width, 1)
+    _check_int("--seeds", seeds, 1)
+    _check_int("every", every, 1)
+    if init not in (None,) + S.INITS:
+        raise SpecError("--init", init, f"must be one of {list(S.INITS)} (or omitted: each layer's own)")
+    if input_kind not in S.INPUT_KINDS:
+        raise SpecError("--inputs", input_kind, f"must be one of {list(S.INPUT_KINDS)}")
+    if scores not in (None,) + S.SCORE_OVERRIDES:
+        raise SpecError("--scores", scores, f"must be one of {list(S.SCORE_OVERRIDES)} (or omitted: the spec's)")
+    if record not in ("blocks", "sublayers"):
+        raise SpecError("record", record, "must be \"blocks\" or \"sublayers\"")
+    n = inputs.n_tokens
+    if input_kind == "exact" and width < n + 1:
+        raise SpecError("--width", width, f"exact inputs need N + 1 = {n + 1} features for the {n} tokens "
+                        "(N orthonormal directions orthogonal to the mean): raise --width or use --inputs gaussian")
+    if init == "orthogonal" and width < n:
+        raise SpecError("--width", width, f"orthogonal weights are meant to keep the rank-{n} token kernel "
+                        f"exactly, which needs width >= N = {n}: raise --width")
+
+
 def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, init: str | None = None,
              input_kind: str = "exact", scores: str | None = None, record: str = "blocks", every: int = 1,
              seed: int | np.random.SeedSequence = 0, batch: int | None = None, keep_kernels: bool = True,
@@ -93,26 +133,10 @@ def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, i
     ``"explicit"`` always forms the weight matrices. Everything is checked, and the memory
     estimated, before any work.
     """
-    _check_int("--width", width, 1)
-    _check_int("--seeds", seeds, 1)
-    if init not in (None,) + S.INITS:
-        raise SpecError("--init", init, f"must be one of {list(S.INITS)} (or omitted: each layer's own)")
-    if input_kind not in S.INPUT_KINDS:
-        raise SpecError("--inputs", input_kind, f"must be one of {list(S.INPUT_KINDS)}")
-    if scores not in (None,) + S.SCORE_OVERRIDES:
-        raise SpecError("--scores", scores, f"must be one of {list(S.SCORE_OVERRIDES)} (or omitted: the spec's)")
     if products not in ("auto", "explicit"):
         raise SpecError("products", products, "must be \"auto\" or \"explicit\"")
-    if record not in ("blocks", "sublayers"):
-        raise SpecError("record", record, "must be \"blocks\" or \"sublayers\"")
-    _check_int("every", every, 1)
+    check_options(inputs, width, seeds, every, init, input_kind, scores, record)
     n = inputs.n_tokens
-    if input_kind == "exact" and width < n + 1:
-        raise SpecError("--width", width, f"exact inputs need N + 1 = {n + 1} features for the {n} tokens "
-                        "(N orthonormal directions orthogonal to the mean): raise --width or use --inputs gaussian")
-    if init == "orthogonal" and width < n:
-        raise SpecError("--width", width, f"orthogonal weights are meant to keep the rank-{n} token kernel "
-                        f"exactly, which needs width >= N = {n}: raise --width")
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     plan = S.plan(network, width, inputs.segments, init, scores, products)
@@ -178,18 +202,7 @@ def _run(network, inputs, width, gens, input_kind, init, scores, products, recor
     out = []
 
     def keep(label, x):
-        with np.errstate(over="ignore", invalid="ignore"):
-            kern = np.matmul(x, np.swapaxes(x, -1, -2)) / x.shape[-1]
-        if not np.all(np.isfinite(kern)):
-            raise NumericalError(label, "the empirical kernel X Xᵀ/w overflows (the features grew beyond 1e154)",
-                                 "lower weight_var / branch weights, add a normalisation layer, or reduce the depth")
-        kern = 0.5 * (kern + np.swapaxes(kern, -1, -2))
-        mean = x.mean(axis=-1)
-        rows = [M.compute(kern[b], inputs.segments, mean[b], spectral=spectral) for b in range(len(gens))]
-        if dong:
-            res = dong_residual(x, inputs.segments)
-            for b, row in enumerate(rows):
-                row["dong_residual"] = float(res[b])
+        kern, mean, rows = measure_batch(label, x, inputs.segments, spectral, dong)
         out.append((label, kern, mean, rows))
 
     keep("input", x)

@@ -35,12 +35,18 @@ def comparison_table(cmp, most: int = 24, title: str | None = None) -> Table:
     The measures marked "info" in :mod:`.compare` are left out here; ``rows_table`` lists them."""
     worst = cmp.worst()
     names = ["kernel", "mean"] + [m for m in TESTED if any(k[1] == m for k in worst)]
+    return z_table(cmp, names, [m + " |z|" for m in names], most, title)
+
+
+def z_table(cmp, names, headings, most: int = 24, title: str | None = None) -> Table:
+    """Per record (at most ``most`` plus every failing one) the largest |z| of each measure in ``names``."""
+    worst = cmp.worst()
     failing = {r.record for r in cmp.failures}
     records = sorted(set(pick_rows(len(cmp.labels), most)) | failing)
     table = Table(title=title, header_style="bold", caption=cmp.criterion())
     table.add_column("record")
-    for m in names:
-        table.add_column(m + " |z|", justify="right")
+    for h in headings:
+        table.add_column(h, justify="right")
     for r in records:
         cells = []
         for m in names:
