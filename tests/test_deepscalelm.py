@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
-import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop.kernel.backward import backpropagate
 from kernelprop.methods import presets
-from kernelprop.moments import forward_moments, moment_view
+from kernelprop.moments import forward_moments
 
 
 def test_moment_view_of_an_equicorrelated_kernel():

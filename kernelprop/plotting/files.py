@@ -192,7 +192,7 @@ def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=
     if kind in ("kernels", "spectrum"):
         rec = read_[0][2]
         if read_[0][1] != "run" or rec.kernels is None:
-            raise SpecError("--kind", kind, f"needs kernels: write the run as .npz (`kernelprop run SPEC -o x.npz`)")
+            raise SpecError("--kind", kind, "needs kernels: write the run as .npz (`kernelprop run SPEC -o x.npz`)")
         src = {"kernels": rec.kernels, "labels": rec.labels, "blocks": rec.blocks,
                "segments": rec.segments or (rec.kernels.shape[-1],)}
         return kernel_heatmaps(src, depths) if kind == "kernels" else spectrum_plot(src, depths)

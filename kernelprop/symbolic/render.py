@@ -90,7 +90,7 @@ def render_text(d: Derivation) -> str:
         exprs = [e for n, e in zip(names, sec.outputs)]
         keep = [(n, e) for n, e in zip(names, exprs) if not (n in ("mu",) or n.startswith("m_")) or e != 0]
         where, reduced = _cse_lines([e for _, e in keep])
-        out.append(f"  composed:" if len(sec.steps) > 1 else "  map:")
+        out.append("  composed:" if len(sec.steps) > 1 else "  map:")
         for (n, _), e in zip(keep, reduced):
             out.append(f"    {_arrow(n)} {text(e)}")
         if where:

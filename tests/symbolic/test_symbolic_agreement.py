@@ -129,7 +129,7 @@ def test_noci_closed_form_trajectory_matches_the_engine_at_depth_50():
     """)
     d = S.derive(spec)
     assert d.trajectory.found
-    (x_step, x_l, _), (m_step, m_l, _) = d.trajectory.coordinates["x"], d.trajectory.coordinates["m"]
+    (_, x_l, _), (_, m_l, _) = d.trajectory.coordinates["x"], d.trajectory.coordinates["m"]
     L, sv, x0, m0 = sp.Symbol("L", integer=True, positive=True), sp.Symbol("sv", real=True), *sp.symbols("x_0 m_0", real=True)
     assert sp.simplify(x_l - x0) == 0
     assert sp.simplify(m_l - m0 * (1 + sv / (2 * L)) ** S.symbols.l) == 0       # β²σ_v²σ_o² = sv/(2L)
