@@ -23,7 +23,8 @@ SCALAR_MEASURES = {
     "effective_rank": "exp(H(p)), p_k ∝ sqrt(λ_k) (Roy & Vetterli 2007)",
     "eig_ratio": "λ_min(Σ)/λ_max(Σ)",
     "mean_abs": "mean_i |m_i|: size of the per-token feature mean",
-    "quad_error": "upper estimate of the accumulated quadrature error in Σ (0 when every map is closed-form)",
+    "quad_error": "accumulated error estimate of Σ's approximations: quadrature error bounds plus the standard error of "
+                  "the score-draw average of scores=\"standard\" attention (0 when every map is exact)",
 }
 PROFILE_MEASURES = {
     "cos_first": "cosine of each position to the first token of sequence 0 (causal collapse goes toward it)",

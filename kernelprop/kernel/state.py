@@ -45,7 +45,8 @@ class KernelState:
     """``sigma`` = Σ = X Xᵀ/d (N×N), ``mean`` = per-token feature mean m (N,), sequence lengths,
     ``gaussian``: the features are i.i.d. zero-mean Gaussian (an activation map needs this),
     ``dep``: dependence on the input of the enclosing residual branch (None outside branches),
-    ``quad_error``: accumulated upper estimate of the quadrature error in Σ,
+    ``quad_error``: accumulated error estimate of Σ (quadrature bounds, and the standard error of the
+    score-draw average of ``scores="standard"`` attention),
     ``width``: the stream's width as a multiple of the model width (for parameter-gradient norms).
     """
 

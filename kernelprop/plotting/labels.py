@@ -14,7 +14,7 @@ MEASURE_LABELS = {
     "effective_rank": "effective rank (Roy & Vetterli)",
     "eig_ratio": r"$\lambda_{\min}/\lambda_{\max}$ of $\Sigma$",
     "mean_abs": r"feature mean $\overline{|m_i|}$",
-    "quad_error": "quadrature error bound",
+    "quad_error": "approximation error of Σ",
     "cos_first": "cosine to the first token",
     "q_position": r"squared norm $\Sigma_{ii}$",
 }
