@@ -256,3 +256,22 @@ def test_plot_command_rejects_a_file_that_is_not_a_result(tmp_path):
     res = runner.invoke(app, ["plot", str(bad), "-o", str(tmp_path / "f.png")])
     assert res.exit_code == 2 and "not a result" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.csv"]
+
+
+def test_paper_style_keeps_an_interactive_switch_made_inside():
+    """Jupyter's inline backend turns interactive mode on with the first figure; if that figure is made
+    inside the style context, restoring the old rcParams must not switch it off again (figures vanish)."""
+    import matplotlib as mpl
+    from kernelprop.plotting.style import RC, paper_style
+    before = mpl.is_interactive()
+    key = next(iter(RC))
+    outside = mpl.rcParams[key]
+    try:
+        mpl.interactive(False)
+        with paper_style():
+            assert np.allclose(mpl.rcParams[key], RC[key])
+            mpl.interactive(True)
+        assert mpl.is_interactive()
+        assert mpl.rcParams[key] == outside
+    finally:
+        mpl.interactive(before)

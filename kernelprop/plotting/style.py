@@ -79,9 +79,19 @@ FIGURE_FORMATS = (".pdf", ".png", ".svg")
 
 @contextlib.contextmanager
 def paper_style():
-    """Context manager applying :data:`RC` (on top of matplotlib's defaults)."""
-    with mpl.rc_context(RC):
-        yield
+    """Context manager applying :data:`RC` (on top of matplotlib's defaults).
+
+    An interactive-mode switch made inside is kept: Jupyter's inline backend turns interactive mode on
+    with the session's first figure, and restoring it on exit would hide every later figure."""
+    inside = mpl.is_interactive()
+    try:
+        with mpl.rc_context(RC):
+            try:
+                yield
+            finally:
+                inside = mpl.is_interactive()
+    finally:
+        mpl.interactive(inside)
 
 
 def use():
