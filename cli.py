@@ -84,9 +84,12 @@ _PRESET_OPTIONS = dict(
     rho=typer.Option(0.1, help="Preset input: correlation of distinct tokens."),
     heads=typer.Option(4, help="Preset: attention heads."),
     causal=typer.Option(True, "--causal/--bidirectional", help="Preset: causal mask."),
-    scores=typer.Option("uniform", help="Preset: attention scores, uniform (zero queries) or tied."),
+    scores=typer.Option("uniform", help="Preset: attention scores, uniform (zero queries), tied or standard."),
     activation=typer.Option("relu", help="Preset: MLP activation."),
 )
+# simulate and check: --scores already overrides the simulation's scores
+_PRESET_SCORES = typer.Option("uniform", "--preset-scores",
+                              help="Preset: attention scores, uniform (zero queries), tied or standard.")
 
 
 @app.command()
@@ -308,7 +311,7 @@ def examples():
 
 @app.command()
 def simulate(
-    spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     width: int = typer.Option(256, "--width", "-d", help="Model width d (hidden widths are width_factor·d)."),
     seeds: int = typer.Option(16, "--seeds", "-S", help="Independent initialisations to average over."),
     init: Optional[str] = typer.Option(None, help="Override every weight: gaussian | orthogonal."),
@@ -323,13 +326,20 @@ def simulate(
     sublayers: bool = typer.Option(False, help="Also record after each top-level layer of a block."),
     dong: bool = typer.Option(True, help="Also measure Dong et al.'s composite residual (an L-BFGS per record)."),
     rows: int = typer.Option(24, help="Rows of the printed summary."),
+    preset: Optional[str] = _PRESET_OPTIONS["preset"],
+    tokens: int = _PRESET_OPTIONS["tokens"],
+    rho: float = _PRESET_OPTIONS["rho"],
+    heads: int = _PRESET_OPTIONS["heads"],
+    causal: bool = _PRESET_OPTIONS["causal"],
+    preset_scores: str = _PRESET_SCORES,
+    activation: str = _PRESET_OPTIONS["activation"],
 ):
-    """Run SPEC as finite-width numpy networks over many seeds; print seed means ± standard errors."""
+    """Run SPEC (or --preset NAME) as finite-width numpy networks over many seeds; print seed means ± standard errors."""
     with _errors():
-        from kernelprop import io, load
+        from kernelprop import io
         from kernelprop import montecarlo as mc
         from kernelprop.montecarlo.tables import simulation_table
-        s = load(_spec_path(spec), depth=depth, params=_params(set_))
+        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, preset_scores, activation)
         if output is not None and output.suffix.lower() not in io.FORMATS:
             from kernelprop.errors import SpecError
             raise SpecError("--output", str(output), f"extension must be one of {list(io.FORMATS)}")
@@ -346,7 +356,7 @@ def simulate(
 
 @app.command()
 def check(
-    spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     width: int = typer.Option(256, "--width", "-d", help="Model width d of the simulation."),
     seeds: int = typer.Option(32, "--seeds", "-S", help="Seeds per width."),
     alpha: float = typer.Option(0.01, help="Family-wise false-alarm rate of the verdict."),
@@ -367,16 +377,23 @@ def check(
     output_grad: str = typer.Option("identity", help="With --gradients: output gradient kernel, identity or "
                                     "equicorrelated."),
     grad_rho: float = typer.Option(0.0, help="With --gradients: correlation of the equicorrelated output gradient."),
+    preset: Optional[str] = _PRESET_OPTIONS["preset"],
+    tokens: int = _PRESET_OPTIONS["tokens"],
+    rho: float = _PRESET_OPTIONS["rho"],
+    heads: int = _PRESET_OPTIONS["heads"],
+    causal: bool = _PRESET_OPTIONS["causal"],
+    preset_scores: str = _PRESET_SCORES,
+    activation: str = _PRESET_OPTIONS["activation"],
 ):
-    """Compare the infinite-width theory of SPEC with finite-width simulations; exit 3 if they disagree."""
+    """Compare the infinite-width theory of SPEC (or --preset NAME) with finite-width simulations; exit 3 if
+    they disagree."""
     with _errors():
-        from kernelprop import load
         from kernelprop import montecarlo as mc
         from kernelprop.montecarlo.tables import comparison_table, rows_table
         if not 0 < alpha < 1:
             from kernelprop.errors import SpecError
             raise SpecError("--alpha", alpha, "must lie in (0, 1)")
-        s = load(_spec_path(spec), depth=depth, params=_params(set_))
+        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, preset_scores, activation)
         extra = dict(gradients=True, output_grad=output_grad, rho=grad_rho) if gradients else {}
         cmp, *_ = _with_progress(lambda cb: mc.check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,

@@ -40,6 +40,25 @@ def test_check_agrees_on_a_bundled_example_and_prints_the_criterion():
     assert "info" in res.stdout and "eig_ratio" in res.stdout          # non-smooth measures shown, not judged
 
 
+def test_presets_run_through_simulate_and_check_like_specs(tmp_path):
+    """`--preset NAME` builds the same network as `presets.build`: the simulation's input record is the
+    preset's equicorrelated input, and check judges theory against it (a wrong preset knob is exit 2)."""
+    out = tmp_path / "s.json"
+    res = runner.invoke(app, ["simulate", "--preset", "sas", "-L", "2", "--tokens", "6", "--rho", "0.3",
+                              "--width", "32", "--seeds", "4", "--no-dong", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    first = json.loads(out.read_text())["records"][0]
+    assert abs(first["cos_mean"] - 0.3) < 1e-12 and abs(first["q_mean"] - 1.0) < 1e-12   # exact inputs
+    res = runner.invoke(app, ["check", "--preset", "noci", "-L", "3", "--tokens", "6", "--heads", "1",
+                              "--bidirectional", "--width", "64", "--seeds", "8", "--gradients"])
+    assert res.exit_code == 0, res.output
+    assert "AGREE" in res.stdout and "gradients" in res.stdout
+    res = runner.invoke(app, ["check", "--preset", "noci", "--set", "bogus=1", "-L", "2", "--tokens", "6"])
+    assert res.exit_code == 2 and "bogus" in res.output
+    res = runner.invoke(app, ["check", "pre_ln", "--preset", "noci"])
+    assert res.exit_code == 2 and "either a spec" in res.output
+
+
 def test_check_exits_3_when_the_finite_width_bias_is_not_removed(tmp_path):
     """Tied attention with a large score scale is biased by O(1/d); without the Richardson pair the
     raw width-32 means disagree with the infinite-width theory — exit code 3."""
