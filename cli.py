@@ -65,7 +65,8 @@ def _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activat
     from kernelprop.errors import SpecError
     from kernelprop.network.spec import Spec
     if (spec is None) == (preset is None):
-        raise SpecError("SPEC", spec, "give either a spec (file or bundled example) or --preset NAME")
+        raise SpecError("SPEC", spec if spec is not None else "(none)",
+                        "give either a spec (file or bundled example) or --preset NAME")
     if spec is not None:
         return load(_spec_path(spec), depth=depth, params=_params(set_))
     from kernelprop.methods import presets
@@ -481,7 +482,8 @@ def sweep_command(
         fig_path = None if no_figure else figure or (output.with_suffix(".png") if output is not None else None)
         fig_format = style.check_format(fig_path, "--figure") if fig_path is not None else None
         if (spec is None) == (preset is None):
-            raise SpecError("SPEC", spec, "give either a spec (file or bundled example) or --preset NAME")
+            raise SpecError("SPEC", spec if spec is not None else "(none)",
+                            "give either a spec (file or bundled example) or --preset NAME")
         if spec is not None:
             model = load(_spec_path(spec), depth=depth, params=_params(set_))
             x = None
