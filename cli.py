@@ -59,6 +59,13 @@ def _params(items: List[str]) -> dict:
     return out_
 
 
+def _output_grad(kind: str) -> str:
+    if kind not in ("identity", "equicorrelated"):
+        from kernelprop.errors import SpecError
+        raise SpecError("--output-grad", kind, "must be identity or equicorrelated (with --grad-rho)")
+    return kind
+
+
 def _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activation):
     """A Spec from a file/bundled example, or from a preset with a generated input."""
     from kernelprop import inputs, load
@@ -154,7 +161,7 @@ def gradients(
         s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activation)
         if output is not None and output.suffix.lower() != ".csv":
             raise SpecError("--output", str(output), "gradients writes .csv")
-        g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, output_grad=output_grad, rho=grad_rho,
+        g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, output_grad=_output_grad(output_grad), rho=grad_rho,
                                                    keep_kernels=False, progress=cb), s.network.depth)
         kinds = sorted({k for *_, k, _ in g.grads})
         per = {k: dict(zip(*g.grad_norms(k))) for k in kinds}
@@ -395,7 +402,7 @@ def check(
             from kernelprop.errors import SpecError
             raise SpecError("--alpha", alpha, "must lie in (0, 1)")
         s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, preset_scores, activation)
-        extra = dict(gradients=True, output_grad=output_grad, rho=grad_rho) if gradients else {}
+        extra = dict(gradients=True, output_grad=_output_grad(output_grad), rho=grad_rho) if gradients else {}
         cmp, *_ = _with_progress(lambda cb: mc.check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],

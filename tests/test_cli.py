@@ -61,6 +61,8 @@ def test_numerical_failure_exits_1_and_leaves_no_file(tmp_path):
     (["run", "no_such_example"], "neither a file nor a bundled example"),
     (["run", "pre_ln", "--set", "beta"], "NAME=NUMBER"),
     (["run", "pre_ln", "-o", "out.txt"], "extension must be one of"),
+    (["gradients", "relu_mlp", "--output-grad", "ones"], "--output-grad = 'ones'"),
+    (["run"], "SPEC = '(none)'"),
 ])
 def test_usage_errors_exit_2(args, words):
     res = runner.invoke(app, args)

@@ -347,7 +347,7 @@ def test_check_command_compares_gradients():
     assert "AGREE" in res.stdout and "∂W queries" in res.stdout and "output gradient equicorrelated" in res.stdout
     res = runner.invoke(app, ["check", "relu_mlp", "-L", "2", "--width", "32", "--seeds", "4", "--gradients",
                               "--output-grad", "ones"])
-    assert res.exit_code == 2 and "output_grad" in res.output
+    assert res.exit_code == 2 and "--output-grad" in res.output
 
 
 # ------------------------------------------------------------------------------------------------
