@@ -4,9 +4,13 @@ failure, 2 bad usage or spec, 3 theory and simulation disagree (``check``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 
@@ -16,12 +20,18 @@ out = Console()
 err = Console(stderr=True)
 
 
+# library fields that a command-line option sets directly: errors name the option
+_OPTION_NAMES = {"output_gradient": "--output-grad", "output_gradient.rho": "--grad-rho"}
+
+
 @contextlib.contextmanager
 def _errors():
     from kernelprop.errors import NotSupportedError, NumericalError, SpecError
     try:
         yield
     except SpecError as e:
+        if e.field in _OPTION_NAMES:
+            e = SpecError(_OPTION_NAMES[e.field], e.value, e.allowed)
         err.print(f"[red]spec error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
     except NotSupportedError as e:
@@ -59,48 +69,90 @@ def _params(items: List[str]) -> dict:
     return out_
 
 
-def _output_grad(kind: str) -> str:
-    if kind not in ("identity", "equicorrelated"):
-        from kernelprop.errors import SpecError
-        raise SpecError("--output-grad", kind, "must be identity or equicorrelated (with --grad-rho)")
-    return kind
+@dataclass(frozen=True)
+class _Preset:
+    """The preset options of a command: the name (None: a spec was given) and the generated network's knobs."""
+    name: Optional[str]
+    tokens: int
+    rho: float
+    heads: int
+    causal: bool
+    scores: str
+    activation: str
 
 
-def _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activation):
+def _preset_options(scores_flag: str = "--scores", named: bool = True):
+    """Add the preset options to a command, passed to it as one ``preset: _Preset`` argument.
+
+    ``scores_flag``: the option name of the preset's attention scores (``--preset-scores`` where
+    ``--scores`` already overrides the simulation's). ``named=False``: the knobs only (no ``--preset``)."""
+    O = typer.Option
+    options = [
+        ("tokens", int, O(32, "--tokens", help="Preset input: tokens T.")),
+        ("rho", float, O(0.1, "--rho", help="Preset input: correlation of distinct tokens.")),
+        ("heads", int, O(4, "--heads", help="Preset: attention heads.")),
+        ("causal", bool, O(True, "--causal/--bidirectional", help="Preset: causal mask.")),
+        ("scores", str, O("uniform", scores_flag,
+                          help="Preset: attention scores, uniform (zero queries), tied or standard.")),
+        ("activation", str, O("relu", "--activation", help="Preset: MLP activation.")),
+    ]
+    if named:
+        options.insert(0, ("name", Optional[str], O(None, "--preset", "-p",
+                                                    help="Run a named preset instead of a spec (see `kernelprop presets`).")))
+
+    def decorate(command):
+        sig = inspect.signature(command, eval_str=True)
+        extra = [inspect.Parameter(f"preset_{name}", inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+                 for name, kind, default in options]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            knobs = {name: kwargs.pop(f"preset_{name}") for name, _, _ in options}
+            return command(*args, preset=_Preset(**{"name": None, **knobs}), **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=[q for q in sig.parameters.values() if q.name != "preset"] + extra)
+        return wrapper
+    return decorate
+
+
+def _load(spec, preset: _Preset, depth, set_):
     """A Spec from a file/bundled example, or from a preset with a generated input."""
     from kernelprop import inputs, load
     from kernelprop.errors import SpecError
     from kernelprop.network.spec import Spec
-    if (spec is None) == (preset is None):
+    if (spec is None) == (preset.name is None):
         raise SpecError("SPEC", spec if spec is not None else "(none)",
                         "give either a spec (file or bundled example) or --preset NAME")
     if spec is not None:
         return load(_spec_path(spec), depth=depth, params=_params(set_))
     from kernelprop.methods import presets
     knobs = _params(set_)
-    net = presets.build(preset, 48 if depth is None else depth, heads=heads, causal=causal, scores=scores,
-                        activation=activation, **knobs)
-    x = inputs.equicorrelated(tokens, 1.0, rho)
-    raw = {"preset": preset, "depth": net.depth, "knobs": knobs, "heads": heads, "causal": causal,
-           "scores": scores, "activation": activation, "input": {"kind": "equicorrelated", "tokens": tokens, "rho": rho}}
+    net = presets.build(preset.name, 48 if depth is None else depth, heads=preset.heads, causal=preset.causal,
+                        scores=preset.scores, activation=preset.activation, **knobs)
+    x = inputs.equicorrelated(preset.tokens, 1.0, preset.rho)
+    raw = {"preset": preset.name, "depth": net.depth, "knobs": knobs, "heads": preset.heads, "causal": preset.causal,
+           "scores": preset.scores, "activation": preset.activation,
+           "input": {"kind": "equicorrelated", "tokens": preset.tokens, "rho": preset.rho}}
     return Spec(net, x, {"mode": "blocks", "every": 1}, raw)
 
 
-_PRESET_OPTIONS = dict(
-    preset=typer.Option(None, "--preset", "-p", help="Run a named preset instead of a spec (see `kernelprop presets`)."),
-    tokens=typer.Option(32, help="Preset input: tokens T."),
-    rho=typer.Option(0.1, help="Preset input: correlation of distinct tokens."),
-    heads=typer.Option(4, help="Preset: attention heads."),
-    causal=typer.Option(True, "--causal/--bidirectional", help="Preset: causal mask."),
-    scores=typer.Option("uniform", help="Preset: attention scores, uniform (zero queries), tied or standard."),
-    activation=typer.Option("relu", help="Preset: MLP activation."),
-)
-# simulate and check: --scores already overrides the simulation's scores
-_PRESET_SCORES = typer.Option("uniform", "--preset-scores",
-                              help="Preset: attention scores, uniform (zero queries), tied or standard.")
+def _check_output(output: Optional[Path], allowed, what: str) -> None:
+    if output is not None and output.suffix.lower() not in allowed:
+        from kernelprop.errors import SpecError
+        raise SpecError("--output", str(output), f"{what} writes {' or '.join(allowed)}")
+
+
+def _write_csv(output: Path, header: list, rows) -> None:
+    """A small .csv written atomically (floats with full precision)."""
+    from kernelprop.io.results import atomic_write
+    cell = lambda v: repr(float(v)) if isinstance(v, (float, np.floating)) else str(v)   # noqa: E731
+    lines = [",".join(header)] + [",".join(cell(v) for v in row) for row in rows]
+    atomic_write(output, ("\n".join(lines) + "\n").encode())
+    err.print(f"wrote {output}")
 
 
 @app.command()
+@_preset_options()
 def run(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results: .json, .csv or .npz."),
@@ -109,18 +161,12 @@ def run(
     every: Optional[int] = typer.Option(None, help="Record every k-th block (default: the spec's)."),
     sublayers: bool = typer.Option(False, help="Also record after each top-level layer of a block."),
     rows: int = typer.Option(24, help="Rows of the printed summary."),
-    preset: Optional[str] = _PRESET_OPTIONS["preset"],
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    scores: str = _PRESET_OPTIONS["scores"],
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Propagate the token kernel of SPEC (or --preset NAME) through depth and summarise it."""
     with _errors():
         from kernelprop import io, propagate, report
-        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activation)
+        s = _load(spec, preset, depth, set_)
         if output is not None and output.suffix.lower() not in io.FORMATS:
             from kernelprop.errors import SpecError
             raise SpecError("--output", str(output), f"extension must be one of {list(io.FORMATS)}")
@@ -136,6 +182,7 @@ def run(
 
 
 @app.command()
+@_preset_options()
 def gradients(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
@@ -144,73 +191,56 @@ def gradients(
     grad_rho: float = typer.Option(0.0, help="Correlation of the equicorrelated output gradient."),
     rows: int = typer.Option(16, help="Rows of the printed summary."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-block gradients as .csv."),
-    preset: Optional[str] = _PRESET_OPTIONS["preset"],
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    scores: str = _PRESET_OPTIONS["scores"],
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Backward pass: gradient-kernel norms per block, parameter-gradient norms, vanishing/exploding diagnosis."""
     with _errors():
         from rich.table import Table
         from kernelprop import report
-        from kernelprop.errors import SpecError
         from kernelprop.kernel.backward import backpropagate
-        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activation)
-        if output is not None and output.suffix.lower() != ".csv":
-            raise SpecError("--output", str(output), "gradients writes .csv")
-        g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, output_grad=_output_grad(output_grad), rho=grad_rho,
-                                                   keep_kernels=False, progress=cb), s.network.depth)
+        s = _load(spec, preset, depth, set_)
+        _check_output(output, (".csv",), "gradients")
+        g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, output_grad=output_grad,
+                                                   rho=grad_rho, keep_kernels=False, progress=cb), s.network.depth)
         kinds = sorted({k for *_, k, _ in g.grads})
         per = {k: dict(zip(*g.grad_norms(k))) for k in kinds}
         table = Table(title=f"gradients — {s.network.name or spec}, depth {s.network.depth}; "
                       "per-block parameter gradients ‖∂W‖²/d by kind", header_style="bold")
         for c in ["record", "grad norm²", "grad cos", *kinds]:
             table.add_column(c, justify="right" if c != "record" else "left")
-        lines = ["record,block,grad_q_mean,grad_cos_mean," + ",".join(f"param_{k}" for k in kinds)]
+        rows_out = []
         for r in range(len(g.labels)):
             vals = [per[k].get(g.blocks[r], float("nan")) if g.labels[r].startswith("block") else float("nan")
                     for k in kinds]
-            lines.append(f"{g.labels[r]},{g.blocks[r]},{float(g['grad_q_mean'][r])!r},{float(g['grad_cos_mean'][r])!r},"
-                         + ",".join(repr(float(v)) for v in vals))
+            rows_out.append([g.labels[r], g.blocks[r], g["grad_q_mean"][r], g["grad_cos_mean"][r], *vals])
             if r in report.pick_rows(len(g.labels), rows):
                 table.add_row(g.labels[r], f"{g['grad_q_mean'][r]:.5g}", f"{g['grad_cos_mean'][r]:.5g}",
                               *("" if v != v else f"{v:.4g}" for v in vals))
         out.print(table)
         out.print(f"diagnosis: {g.diagnosis()}")
         if output is not None:
-            from kernelprop.io.results import atomic_write
-            atomic_write(output, ("\n".join(lines) + "\n").encode())
-            err.print(f"wrote {output}")
+            _write_csv(output, ["record", "block", "grad_q_mean", "grad_cos_mean", *(f"param_{k}" for k in kinds)],
+                       rows_out)
 
 
 @app.command()
+@_preset_options()
 def moments(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
     rows: int = typer.Option(16, help="Rows of the printed summary."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the moments as .csv."),
-    preset: Optional[str] = _PRESET_OPTIONS["preset"],
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    scores: str = _PRESET_OPTIONS["scores"],
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Moment view (Kedia et al. 2024): μ, σ², r forward and σ_g², r_g backward at every record."""
     with _errors():
         from rich.table import Table
         from kernelprop import report
-        from kernelprop.errors import SpecError
         from kernelprop.kernel.backward import backpropagate
         from kernelprop.moments import moment_view
-        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, scores, activation)
-        if output is not None and output.suffix.lower() != ".csv":
-            raise SpecError("--output", str(output), "moments writes .csv")
+        s = _load(spec, preset, depth, set_)
+        _check_output(output, (".csv",), "moments")
         g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, progress=cb), s.network.depth)
         mv = moment_view(g)
         names = ["mu", "var", "r", "var_g", "r_g"]
@@ -222,12 +252,8 @@ def moments(
             table.add_row(g.labels[r], *(f"{mv[n][r]:.5g}" for n in names))
         out.print(table)
         if output is not None:
-            from kernelprop.io.results import atomic_write
-            lines = ["record,block," + ",".join(names)]
-            lines += [f"{g.labels[r]},{g.blocks[r]}," + ",".join(repr(float(mv[n][r])) for n in names)
-                      for r in range(len(g.labels))]
-            atomic_write(output, ("\n".join(lines) + "\n").encode())
-            err.print(f"wrote {output}")
+            _write_csv(output, ["record", "block", *names],
+                       ([g.labels[r], g.blocks[r], *(mv[n][r] for n in names)] for r in range(len(g.labels))))
 
 
 @app.command()
@@ -245,18 +271,14 @@ def presets():
 
 
 @app.command()
+@_preset_options(named=False)
 def compare(
     names: List[str] = typer.Argument(..., help="Presets to compare (see `kernelprop presets`)."),
     depth: int = typer.Option(48, "--depth", "-L", help="Depth of every preset."),
     measure: str = typer.Option("cos_mean", help="Measure to tabulate (see docs/formats.md)."),
     rows: int = typer.Option(16, help="Rows (depths) of the table."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the comparison as .csv."),
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    scores: str = _PRESET_OPTIONS["scores"],
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Tabulate one measure against depth for several presets side by side."""
     with _errors():
@@ -264,10 +286,12 @@ def compare(
         from kernelprop import inputs, propagate, report
         from kernelprop.errors import SpecError
         from kernelprop.methods import presets as P
-        x = inputs.equicorrelated(tokens, 1.0, rho)
+        _check_output(output, (".csv",), "compare")
+        x = inputs.equicorrelated(preset.tokens, 1.0, preset.rho)
         trajs = {}
         for name in names:
-            net = P.build(name, depth, heads=heads, causal=causal, scores=scores, activation=activation)
+            net = P.build(name, depth, heads=preset.heads, causal=preset.causal, scores=preset.scores,
+                          activation=preset.activation)
             trajs[name] = propagate(net, x, keep_kernels=False)
             if measure not in trajs[name].measures:
                 raise SpecError("--measure", measure, f"must be one of {sorted(trajs[name].measures)}")
@@ -278,18 +302,14 @@ def compare(
         table.add_column("block")
         for name in names:
             table.add_column(name, justify="right")
-        lines = ["block," + ",".join(names)]
+        rows_out = []
         for r in blocks:
             vals = [trajs[n].measures[measure][r] for n in names]
             table.add_row(str(first.blocks[r]), *(f"{v:.5g}" for v in vals))
-            lines.append(f"{first.blocks[r]}," + ",".join(repr(float(v)) for v in vals))
+            rows_out.append([first.blocks[r], *vals])
         out.print(table)
         if output is not None:
-            if output.suffix.lower() != ".csv":
-                raise SpecError("--output", str(output), "compare writes .csv")
-            from kernelprop.io.results import atomic_write
-            atomic_write(output, ("\n".join(lines) + "\n").encode())
-            err.print(f"wrote {output}")
+            _write_csv(output, ["block", *names], rows_out)
 
 
 def _with_progress(job, total):
@@ -318,6 +338,7 @@ def examples():
 
 
 @app.command()
+@_preset_options(scores_flag="--preset-scores")
 def simulate(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     width: int = typer.Option(256, "--width", "-d", help="Model width d (hidden widths are width_factor·d)."),
@@ -334,20 +355,14 @@ def simulate(
     sublayers: bool = typer.Option(False, help="Also record after each top-level layer of a block."),
     dong: bool = typer.Option(True, help="Also measure Dong et al.'s composite residual (an L-BFGS per record)."),
     rows: int = typer.Option(24, help="Rows of the printed summary."),
-    preset: Optional[str] = _PRESET_OPTIONS["preset"],
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    preset_scores: str = _PRESET_SCORES,
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Run SPEC (or --preset NAME) as finite-width numpy networks over many seeds; print seed means ± standard errors."""
     with _errors():
         from kernelprop import io
         from kernelprop import montecarlo as mc
         from kernelprop.montecarlo.tables import simulation_table
-        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, preset_scores, activation)
+        s = _load(spec, preset, depth, set_)
         if output is not None and output.suffix.lower() not in io.FORMATS:
             from kernelprop.errors import SpecError
             raise SpecError("--output", str(output), f"extension must be one of {list(io.FORMATS)}")
@@ -363,6 +378,7 @@ def simulate(
 
 
 @app.command()
+@_preset_options(scores_flag="--preset-scores")
 def check(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     width: int = typer.Option(256, "--width", "-d", help="Model width d of the simulation."),
@@ -385,13 +401,7 @@ def check(
     output_grad: str = typer.Option("identity", help="With --gradients: output gradient kernel, identity or "
                                     "equicorrelated."),
     grad_rho: float = typer.Option(0.0, help="With --gradients: correlation of the equicorrelated output gradient."),
-    preset: Optional[str] = _PRESET_OPTIONS["preset"],
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    preset_scores: str = _PRESET_SCORES,
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Compare the infinite-width theory of SPEC (or --preset NAME) with finite-width simulations; exit 3 if
     they disagree."""
@@ -401,8 +411,8 @@ def check(
         if not 0 < alpha < 1:
             from kernelprop.errors import SpecError
             raise SpecError("--alpha", alpha, "must lie in (0, 1)")
-        s = _load(spec, preset, depth, set_, tokens, rho, heads, causal, preset_scores, activation)
-        extra = dict(gradients=True, output_grad=_output_grad(output_grad), rho=grad_rho) if gradients else {}
+        s = _load(spec, preset, depth, set_)
+        extra = dict(gradients=True, output_grad=output_grad, rho=grad_rho) if gradients else {}
         cmp, *_ = _with_progress(lambda cb: mc.check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
@@ -449,6 +459,7 @@ def symbolic(
 
 
 @app.command("sweep")
+@_preset_options()
 def sweep_command(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     param: List[str] = typer.Option([], "--param", help="NAME=START:STOP:N (N points) or NAME=V1,V2,…; NAME is a "
@@ -464,17 +475,10 @@ def sweep_command(
     at: str = typer.Option("block", help="Read the kernel after block L (block) or after the final layers (output)."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Depth when L is not swept."),
     set_: List[str] = typer.Option([], "--set", help="Fix a param or preset knob: NAME=NUMBER (repeatable)."),
-    preset: Optional[str] = _PRESET_OPTIONS["preset"],
-    tokens: int = _PRESET_OPTIONS["tokens"],
-    rho: float = _PRESET_OPTIONS["rho"],
-    heads: int = _PRESET_OPTIONS["heads"],
-    causal: bool = _PRESET_OPTIONS["causal"],
-    scores: str = _PRESET_OPTIONS["scores"],
-    activation: str = _PRESET_OPTIONS["activation"],
+    preset: _Preset = None,
 ):
     """Sweep a measure over one or two parameters (e.g. a residual weight × depth); write a table and a heatmap."""
     with _errors():
-        import functools
         from kernelprop import inputs, load
         from kernelprop import sweep as S
         from kernelprop.errors import SpecError
@@ -488,7 +492,7 @@ def sweep_command(
             S.check_format(output, "--output")
         fig_path = None if no_figure else figure or (output.with_suffix(".png") if output is not None else None)
         fig_format = style.check_format(fig_path, "--figure") if fig_path is not None else None
-        if (spec is None) == (preset is None):
+        if (spec is None) == (preset.name is None):
             raise SpecError("SPEC", spec if spec is not None else "(none)",
                             "give either a spec (file or bundled example) or --preset NAME")
         if spec is not None:
@@ -496,9 +500,9 @@ def sweep_command(
             x = None
         else:
             from kernelprop.methods import presets
-            model = functools.partial(presets.build, preset, heads=heads, causal=causal, scores=scores,
-                                      activation=activation, **_params(set_))
-            x = inputs.equicorrelated(tokens, 1.0, rho)
+            model = functools.partial(presets.build, preset.name, heads=preset.heads, causal=preset.causal,
+                                      scores=preset.scores, activation=preset.activation, **_params(set_))
+            x = inputs.equicorrelated(preset.tokens, 1.0, preset.rho)
             depth = 48 if depth is None else depth
         try:
             res = _sweep_progress(lambda cb: S.sweep(
@@ -507,7 +511,7 @@ def sweep_command(
         except SpecError as e:   # name the command-line option
             if e.field == "params" or e.field.startswith("params."):
                 raise SpecError("--param", e.value, e.allowed) from None
-            if preset is not None and e.field.startswith(f"{preset}."):     # a preset's unknown knob
+            if preset.name is not None and e.field.startswith(f"{preset.name}."):     # a preset's unknown knob
                 knob = e.field.split(".", 1)[1]
                 raise SpecError("--param" if knob in {n for n, _, _ in axes} else "--set", knob, e.allowed) from None
             if e.field in ("measure", "at"):

@@ -62,7 +62,10 @@ def test_numerical_failure_exits_1_and_leaves_no_file(tmp_path):
     (["run", "pre_ln", "--set", "beta"], "NAME=NUMBER"),
     (["run", "pre_ln", "-o", "out.txt"], "extension must be one of"),
     (["gradients", "relu_mlp", "--output-grad", "ones"], "--output-grad = 'ones'"),
+    (["gradients", "relu_mlp", "--output-grad", "equicorrelated", "--grad-rho", "1.5"], "--grad-rho = 1.5"),
     (["run"], "SPEC = '(none)'"),
+    (["compare", "pre_ln", "-o", "out.txt"], "compare writes .csv"),
+    (["moments", "--preset", "noci", "-o", "out.json"], "moments writes .csv"),
 ])
 def test_usage_errors_exit_2(args, words):
     res = runner.invoke(app, args)
