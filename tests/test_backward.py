@@ -5,6 +5,7 @@ import pytest
 
 import kernelprop as kp
 from kernelprop import inputs as I
+from kernelprop.errors import SpecError
 from kernelprop.kernel import backward as B
 from kernelprop.network.layers import Activation, Attention, Dense, LayerNorm, Network, Residual
 
@@ -107,3 +108,16 @@ def test_checkpointing_gives_the_same_answer(monkeypatch):
     chk = B.backpropagate(net, x)
     np.testing.assert_allclose(chk.kernels, full.kernels, rtol=1e-14)
     assert [g[4] for g in chk.grads] == pytest.approx([g[4] for g in full.grads], rel=1e-14)
+
+
+def test_output_gradient_is_checked():
+    """An equicorrelated Π_L is PSD exactly for −1/(N−1) ≤ ρ ≤ 1; outside it, or for a non-PSD matrix, refuse."""
+    n = 5
+    np.testing.assert_allclose(np.linalg.eigvalsh(B.output_gradient("equicorrelated", n, -0.25))[0], 0.0, atol=1e-14)
+    for rho in (-0.26, 1.01):
+        with pytest.raises(SpecError, match="output_gradient.rho"):
+            B.output_gradient("equicorrelated", n, rho)
+    with pytest.raises(SpecError, match="PSD"):
+        B.output_gradient(np.diag([1.0, -1.0, 1.0, 1.0, 1.0]), n)
+    with pytest.raises(SpecError, match="output_gradient"):
+        B.output_gradient("ones", n)

@@ -42,7 +42,7 @@ from ..network import layers as L
 from ..network.layers import Network
 from . import activations, attention
 from .maps import Context, apply, branch_input, combine
-from .propagate import _checked
+from .propagate import Records, _checked
 from .state import KernelState
 
 _MEMORY = 1 << 30  # bytes of stored forward states before checkpointing kicks in
@@ -213,7 +213,7 @@ def _pt_pi_p(ka, pa, pi, kb, pb):
 
 
 @dataclass(frozen=True, eq=False)
-class GradientTrajectory:
+class GradientTrajectory(Records):
     """Gradient kernels at every record (same labels as the forward :class:`Trajectory`), their
     measures, the forward trajectory, and the parameter-gradient norms ``grads``: a list of
     (unit label, block l, layer path, kind, value) with kind in dense, values, output, queries."""
@@ -225,10 +225,7 @@ class GradientTrajectory:
     kernels: np.ndarray | None
     forward: object
 
-    def __getitem__(self, name):
-        return self.measures[name]
-
-    def grad_norms(self, kind: str, per: str = "block") -> tuple[np.ndarray, np.ndarray]:
+    def grad_norms(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """``(blocks, summed norms)`` of the parameter gradients of ``kind`` (dense, values, output, queries)."""
         by = {}
         for label, l, path, k, v in self.grads:
@@ -270,6 +267,9 @@ def output_gradient(kind, n: int, rho: float = 0.0) -> np.ndarray:
         if kind == "identity":
             return np.eye(n)
         if kind == "equicorrelated":
+            low = -1.0 / max(n - 1, 1)
+            if not (isinstance(rho, (int, float)) and low <= rho <= 1):
+                raise SpecError("output_gradient.rho", rho, f"must lie in [-1/(N-1), 1] = [{low:.3g}, 1] for N = {n}")
             return (1 - rho) * np.eye(n) + rho
         raise SpecError("output_gradient", kind, "must be \"identity\", \"equicorrelated\" or an N×N PSD matrix")
     pi = np.asarray(kind, dtype=float)

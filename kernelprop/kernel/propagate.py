@@ -18,8 +18,23 @@ _TINY = 1e-250   # entries below this times the largest variance are flushed to 
 _VANISH, _EXPLODE = 1e-150, 1e150
 
 
+class Records:
+    """Access shared by results with ``labels`` and ``measures``: ``r["cos_mean"]``, ``len(r)``, ``r.final``."""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.measures[name]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def final(self) -> dict:
+        """Measures at the last record."""
+        return {k: v[-1] for k, v in self.measures.items()}
+
+
 @dataclass(frozen=True, eq=False)
-class Trajectory:
+class Trajectory(Records):
     """Result of :func:`propagate`: one record per recorded depth.
 
     ``labels[r]`` names the record (``input``, ``block 3``, ``block 3 · 2:residual``, ``final``),
@@ -37,17 +52,6 @@ class Trajectory:
     inputs: Inputs
     kernels: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.measures[name]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def final(self) -> dict:
-        """Measures at the last record."""
-        return {k: v[-1] for k, v in self.measures.items()}
 
 
 def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every: int = 1,

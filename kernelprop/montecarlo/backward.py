@@ -56,6 +56,7 @@ from ..inputs import Inputs
 from ..network import layers as L
 from ..network.layers import Network
 from ..kernel.backward import record_at, unit_label
+from ..kernel.propagate import Records
 from . import sampler as S
 from .simulate import Simulation, _Accumulator, _check_int, _check_seed, _finish, check_options, measure_batch
 
@@ -335,7 +336,7 @@ def _back_attention(node, g, grads, d):
 
 
 @dataclass(frozen=True, eq=False)
-class GradientSimulation:
+class GradientSimulation(Records):
     """Result of :func:`simulate_gradients`; mirrors :class:`~kernelprop.kernel.backward.GradientTrajectory`.
 
     ``kernels[r]`` / ``kernel_stderr[r]``: seed mean and standard error of ``Π̂ = G Gᵀ`` at record r
@@ -360,12 +361,6 @@ class GradientSimulation:
     width: int
     seeds: int
     meta: dict = field(default_factory=dict)
-
-    def __getitem__(self, name):
-        return self.measures[name]
-
-    def __len__(self):
-        return len(self.labels)
 
     def grad_samples_per_block(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """``(blocks, per-seed sums (S, n_blocks))`` of the parameter-gradient norms of ``kind``."""

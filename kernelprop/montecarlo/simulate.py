@@ -18,7 +18,7 @@ import numpy as np
 from .. import measures as M
 from ..errors import NumericalError, SpecError
 from ..inputs import Inputs
-from ..kernel.propagate import Trajectory
+from ..kernel.propagate import Records, Trajectory
 from ..network.layers import Network
 from . import sampler as S
 from .residual import dong_residual
@@ -27,7 +27,7 @@ SAMPLE_MEASURES = {"dong_residual": "‖X − 1xᵀ‖_{1,∞}/‖X‖_{1,∞}, 
 
 
 @dataclass(frozen=True, eq=False)
-class Simulation:
+class Simulation(Records):
     """Result of :func:`simulate`; duck-types :class:`~kernelprop.kernel.propagate.Trajectory`.
 
     ``measures[name][r]`` / ``means[r]`` / ``kernels[r]`` are seed averages at record r,
@@ -50,16 +50,6 @@ class Simulation:
     width: int
     seeds: int
     meta: dict = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.measures[name]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def final(self) -> dict:
-        return {k: v[-1] for k, v in self.measures.items()}
 
     def as_trajectory(self, kernel_se: bool = False) -> Trajectory:
         """A :class:`Trajectory` whose measures also hold ``<name>_se`` and ``mean_se`` (and, with
