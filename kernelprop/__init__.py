@@ -9,13 +9,16 @@ __version__ = "0.1.0"
 
 from . import inputs, montecarlo
 from .errors import KernelpropError, NotSupportedError, NumericalError, SpecError
+from .kernel.backward import GradientTrajectory, backpropagate
 from .kernel.propagate import Trajectory, propagate
-from .network.layers import (Activation, Attention, Dense, Dropout, LayerNorm, Network, Parallel, Residual,
-                             RMSNorm, Serial)
+from .layers import (LAYERS, Activation, Attention, Dense, Dropout, Layer, LayerNorm, Parallel, Residual, RMSNorm,
+                     Scale, Serial, register_layer, unregister_layer)
+from .network.network import Network
 from .network.spec import Spec, load, loads
 
 __all__ = [
-    "Activation", "Attention", "Dense", "Dropout", "KernelpropError", "LayerNorm", "Network",
-    "NotSupportedError", "NumericalError", "Parallel", "RMSNorm", "Residual", "Serial", "Spec",
-    "SpecError", "Trajectory", "inputs", "load", "loads", "montecarlo", "propagate", "__version__",
+    "Activation", "Attention", "Dense", "Dropout", "GradientTrajectory", "KernelpropError", "LAYERS", "Layer",
+    "LayerNorm", "Network", "NotSupportedError", "NumericalError", "Parallel", "RMSNorm", "Residual", "Scale",
+    "Serial", "Spec", "SpecError", "Trajectory", "backpropagate", "inputs", "load", "loads", "montecarlo",
+    "propagate", "register_layer", "unregister_layer", "__version__",
 ]

@@ -3,7 +3,7 @@
 An :class:`Inputs` is the second-moment matrix ``Σ⁰ = X Xᵀ/d`` of all tokens (several sequences
 stacked, in order), the per-token feature mean (zero unless given) and the sequence lengths.
 Attention mixes tokens only within their own sequence; the kernel between sequences is the
-NNGP cross-kernel (THEORY §0). Inputs are treated as a zero-mean Gaussian stream, as after a
+NNGP cross-kernel (docs/theory.md §0). Inputs are treated as a zero-mean Gaussian stream, as after a
 random embedding.
 """
 
@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import SpecError
+
+
+def segment_slices(segments):
+    """The slice of each sequence in the stacked token axis."""
+    start = 0
+    for t in segments:
+        yield slice(start, start + t)
+        start += t
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Rank-collapse measures computable from the token kernel Σ (THEORY §7).
+"""Rank-collapse measures computable from the token kernel Σ (docs/theory.md §7).
 
 Every measure is computed within each sequence and averaged over sequences; ``cross_cos_mean``
 compares tokens of different sequences. For equicorrelated ``Σ = q[(1−ρ)I + ρ11ᵀ]`` the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel.attention import segment_slices
+from .inputs import segment_slices
 
 SCALAR_MEASURES = {
     "q_mean": "mean squared token norm, mean_i Σ_ii",

@@ -48,7 +48,7 @@ from . import measures as M
 from .errors import NumericalError, SpecError
 from .inputs import Inputs
 from .network import expressions
-from .network.layers import Attention, Network, Parallel, Residual, walk
+from .network.layers import Network, walk
 
 DEPTH_NAMES = ("L", "depth")
 RESULT_FORMATS = (".csv", ".json", ".npz")
@@ -179,20 +179,8 @@ def check_format(path, field: str = "output") -> str:
 
 def _numeric_fields(layer):
     """``(field, value)`` of the fields of ``layer`` that the kernel maps read."""
-    if dataclasses.is_dataclass(layer):
-        for f in dataclasses.fields(layer):
-            if "numeric" not in f.metadata or "Monte Carlo only" in f.metadata.get("doc", ""):
-                continue
-            if isinstance(layer, Attention) and layer.spa == "none" and f.name.startswith("spa_"):
-                continue
-            yield f.name, getattr(layer, f.name)
-    elif isinstance(layer, Residual):
-        yield "alpha", layer.alpha
-        yield "beta", layer.beta
-    elif isinstance(layer, Parallel):
-        yield "alpha", layer.alpha
-        for i, b in enumerate(layer.betas):
-            yield f"betas[{i}]", b
+    for name in layer.kernel_fields():
+        yield name, layer.field_value(name)
 
 
 def network_expressions(network: Network, parts=("stem", "block", "final")):

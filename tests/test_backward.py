@@ -7,6 +7,7 @@ import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop.errors import SpecError
 from kernelprop.kernel import backward as B
+from kernelprop.layers.attention import score_terms
 from kernelprop.network.layers import Activation, Attention, Dense, LayerNorm, Network, Residual
 
 
@@ -70,8 +71,8 @@ def test_query_gradient_trace_formula_matches_the_definition():
     logits = rng.standard_normal((7, 7))
     a = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     pi = np.eye(7) + 0.1
-    from kernelprop.kernel.attention import Dense as DenseMix
-    got, _ = B._score_terms([(1.0, DenseMix((7,), [a]))], s, pi, with_pi=False)
+    from kernelprop.layers.attention.matrices import Dense as DenseMix
+    got, _ = score_terms([(1.0, DenseMix((7,), [a]))], s, pi, with_pi=False)
     assert got == pytest.approx(np.sum(pi * s * naive_query_trace(a, s)), rel=1e-12)
 
 

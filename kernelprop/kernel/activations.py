@@ -1,6 +1,6 @@
 """Activation kernels: Gaussian expectations of an elementwise nonlinearity and its derivative.
 
-For a zero-mean Gaussian stream ``u ~ N(0, Σ)`` (THEORY.md §1) the elementwise map ``φ`` sends
+For a zero-mean Gaussian stream ``u ~ N(0, Σ)`` (docs/theory.md §1) the elementwise map ``φ`` sends
 
     K[i, j] = E[φ(u_i) φ(u_j)],   mean[i] = E[φ(u_i)],
 

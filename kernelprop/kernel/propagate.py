@@ -11,7 +11,8 @@ from .. import measures as M
 from ..errors import NumericalError
 from ..inputs import Inputs
 from ..network.layers import Network
-from .maps import Context, apply
+from ..network.walk import INPUT, RecordPlan, Unit, units
+from .maps import Context
 from .state import KernelState
 
 _TINY = 1e-250   # entries below this times the largest variance are flushed to 0 (no denormals)
@@ -32,15 +33,27 @@ class Records:
         """Measures at the last record."""
         return {k: v[-1] for k, v in self.measures.items()}
 
+    def where(self, **fields) -> list:
+        """Indices of the records whose fields equal ``fields``, e.g. ``r.where(section="block", part=None)``
+        (fields of :class:`~kernelprop.network.walk.Record`: label, section, block, part, path, kind)."""
+        recs = getattr(self, "records", None) or []
+        return [i for i, rec in enumerate(recs) if all(getattr(rec, k) == v for k, v in fields.items())]
+
+    def depth_records(self) -> list:
+        """Indices of the input and whole-block records: the points of a depth plot."""
+        recs = getattr(self, "records", None) or []
+        return [i for i, rec in enumerate(recs) if rec.is_block]
+
 
 @dataclass(frozen=True, eq=False)
 class Trajectory(Records):
     """Result of :func:`propagate`: one record per recorded depth.
 
-    ``labels[r]`` names the record (``input``, ``block 3``, ``block 3 · 2:residual``, ``final``),
-    ``blocks[r]`` its block index l (0 for input and stem, L+1 for the head), ``kernels[r]`` the
-    N×N kernel (if kept), ``means[r]`` the per-token means, ``measures[name][r]`` each measure
-    (per-position profiles have shape (R, T₀)).
+    ``records[r]`` describes the record (:class:`~kernelprop.network.walk.Record`: section, block
+    index, part, layer path, kind); ``labels[r]`` is its name (``input``, ``block 3``,
+    ``block 3 · 2:residual``, ``final``), ``blocks[r]`` its block index l (0 for input and stem, L+1 for
+    the head), ``kernels[r]`` the N×N kernel (if kept), ``means[r]`` the per-token means,
+    ``measures[name][r]`` each measure (per-position profiles have shape (R, T₀)).
     """
 
     labels: list
@@ -52,6 +65,7 @@ class Trajectory(Records):
     inputs: Inputs
     kernels: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
 
 
 def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every: int = 1,
@@ -60,25 +74,33 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     """Iterate the infinite-width kernel maps of ``network`` from ``inputs``.
 
     ``record``: ``"blocks"`` records the input, the stem output, every ``every``-th block (and the
-    last) and the head output; ``"sublayers"`` also records after each top-level layer of a block.
-    ``spectral``: compute eigenvalue measures (``"auto"``: when the longest sequence has ≤ 512
-    tokens). ``progress(done, total)`` is called after every block.
+    last) and the head output; ``"sublayers"`` also records after each top-level layer of a block
+    and after each stem and final layer. ``spectral``: compute eigenvalue measures (``"auto"``: when
+    the longest sequence has ≤ 512 tokens). ``progress(done, total)`` is called after every block.
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
     """
-    from ..errors import SpecError
-    if record not in ("blocks", "sublayers"):
-        raise SpecError("record", record, "must be \"blocks\" or \"sublayers\"")
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-        raise SpecError("every", every, "must be a whole number >= 1")
+    plan = RecordPlan(network, record, every)
+    traj, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, spectral=spectral, quad_nodes=quad_nodes,
+                      progress=progress)
+    return traj
+
+
+def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels: bool = True,
+            spectral: bool | str = "auto", quad_nodes: int | None = None, progress=None, on_unit=None,
+            ctx: Context | None = None):
+    """The one forward walk: apply every part of every unit, check it, keep the planned records.
+
+    ``on_unit(unit, state_in, backs)``, if given, receives each unit's input state and the backward
+    rules of its parts (the backward pass keeps or checkpoints them). Returns ``(trajectory, state)``.
+    """
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
-    ctx = Context(quad_nodes)
+    ctx = ctx or Context(quad_nodes)
     state = KernelState(inputs.sigma.copy(), inputs.mean.copy(), inputs.segments)
-    labels, blocks, means, kernels, rows = [], [], [], [], []
+    records, means, kernels, rows = [], [], [], []
 
-    def keep(label, l, s):
-        labels.append(label)
-        blocks.append(l)
+    def keep(rec, s):
+        records.append(rec)
         means.append(s.mean.copy())
         if keep_kernels:
             kernels.append(s.sigma.copy())
@@ -86,27 +108,38 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
         row["quad_error"] = s.quad_error
         rows.append(row)
 
-    keep("input", 0, state)
-    depth = network.depth
-    items = list(network.layers())
-    for idx, (section, l, layer) in enumerate(items):
-        ctx.unit(idx)
-        parts = layer.layers if section == "block" else (layer,)
-        recorded = l % every == 0 or l == depth
-        for i, part in enumerate(parts):
-            where = f"block {l} · {i}:{part.kind}" if section == "block" else f"{section} · {part.kind}"
-            ctx.where = where
-            state = _checked(apply(part, state, ctx), where, part, flush=l % 8 == 0 or section != "block")
-            if record == "sublayers" and section == "block" and recorded and i < len(parts) - 1:
-                keep(where, l, state)
-        if section == "block":
-            if recorded:
-                keep(f"block {l}", l, state)
-            if progress is not None:
-                progress(l, depth)
-        elif idx + 1 == len(items) or items[idx + 1][0] != section:
-            keep(section, l, state)
-    return _finish(network, inputs, labels, blocks, means, kernels, rows, keep_kernels)
+    keep(INPUT, state)
+    for unit in units(network):
+        state, backs = run_unit(unit, state, ctx, keep=lambda i, s, unit=unit: _keep_planned(plan, unit, i, s, keep),
+                                with_backs=on_unit is not None, on_start=on_unit)
+        if unit.section == "block" and progress is not None:
+            progress(unit.block, network.depth)
+    return _finish(network, inputs, records, means, kernels, rows, keep_kernels), state
+
+
+def _keep_planned(plan, unit, i, s, keep):
+    rec = plan.after(unit, i)
+    if rec is not None:
+        keep(rec, s)
+
+
+def run_unit(unit: Unit, state: KernelState, ctx: Context, keep=None, with_backs=False, on_start=None):
+    """Apply the parts of one unit (checked, denormal-flushed as :func:`propagate` does); ``keep(i, s)``
+    after part i; ``on_start(unit, state, backs)`` is called with the list the parts' backward rules fill."""
+    ctx.unit(unit.index)
+    backs: list = []
+    if on_start is not None:
+        on_start(unit, state, backs)
+    flush = unit.block % 8 == 0 or unit.section != "block"
+    for i, part in enumerate(unit.parts):
+        ctx.where, ctx.path = unit.part_label(i), unit.part_path(i)
+        state, back = part.kernel_map(state, ctx)
+        if with_backs:
+            backs.append(back)
+        state = _checked(state, ctx.where, part, flush=flush)
+        if keep is not None:
+            keep(i, state)
+    return state, backs
 
 
 def _checked(s: KernelState, where: str, layer, flush: bool) -> KernelState:
@@ -139,12 +172,12 @@ def _remedy(layer) -> str:
             f"or reduce the depth (layer type {layer.kind})")
 
 
-def _finish(network, inputs, labels, blocks, means, kernels, rows, keep_kernels):
+def _finish(network, inputs, records, means, kernels, rows, keep_kernels):
     names = list(dict.fromkeys(k for row in rows for k in row))
     measures = {}
     for k in names:
         vals = [row.get(k, np.nan) for row in rows]
         measures[k] = np.array(vals, dtype=float) if np.ndim(vals[0]) == 0 else np.stack(vals)
-    return Trajectory(labels=labels, blocks=np.array(blocks), means=np.stack(means), measures=measures,
-                      segments=inputs.segments, network=network, inputs=inputs,
-                      kernels=np.stack(kernels) if keep_kernels else None)
+    return Trajectory(labels=[r.label for r in records], blocks=np.array([r.block for r in records]),
+                      means=np.stack(means), measures=measures, segments=inputs.segments, network=network,
+                      inputs=inputs, kernels=np.stack(kernels) if keep_kernels else None, records=list(records))

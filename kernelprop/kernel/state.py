@@ -1,4 +1,4 @@
-"""The forward state of the numeric engine at a layer boundary (THEORY §0)."""
+"""The forward state of the numeric engine at a layer boundary (docs/theory.md §0)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ class Dependence:
             return Dependence("diag", d * self.p, self.headwise)
         if self.kind == "dense":
             return Dependence("dense", d[:, None] * self.p, self.headwise)
+        return self
+
+    def scale(self, c: float) -> "Dependence":
+        """The dependence of ``c·f``."""
+        if self.kind in ("diag", "dense"):
+            return Dependence(self.kind, c * self.p, self.headwise)
         return self
 
     def matrix(self, n):

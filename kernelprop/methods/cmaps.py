@@ -1,7 +1,7 @@
 """C-maps of token-wise blocks and TAT leaky ReLU (DKS: Martens et al. 2021; TAT: Zhang et al. 2022).
 
 The C-map of a block sends the cosine ``c`` of two inputs with squared norm ``q`` to the cosine of
-its outputs: ``C(c) = Σ'_12 / sqrt(Σ'_11 Σ'_22)`` for ``Σ = q[[1, c], [c, 1]]`` (THEORY §8). It is
+its outputs: ``C(c) = Σ'_12 / sqrt(Σ'_11 Σ'_22)`` for ``Σ = q[[1, c], [c, 1]]`` (docs/theory.md §8). It is
 computed with the numeric engine's own maps, so any token-wise block (Dense, activations,
 normalisation, dropout, residual and parallel sums of those) has one; attention mixes tokens and
 has none (use :func:`kernelprop.propagate`).

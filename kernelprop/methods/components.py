@@ -2,7 +2,7 @@
 
 Kedia, Zaidi, Khyalia, Jung, Goka & Lee, "Transformers get stable: an end-to-end signal propagation
 theory for language models" (ICML 2024, arXiv:2403.09635) describe a signal by a **moment triplet**
-and its gradient by a pair (THEORY.md §0, §5):
+and its gradient by a pair (docs/theory.md §0, §5):
 
 * forward: mean ``μ``, variance ``σ²`` and token correlation ``r`` of ``x ∈ R^{T×d}``: every feature
   column ``x[:, k]`` is Gaussian with mean ``μ`` (all tokens), variance ``σ²`` and correlation ``r``

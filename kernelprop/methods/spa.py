@@ -1,4 +1,4 @@
-"""Signal-preserving attention, E-SPA and U-SPA (He et al. 2023, §3; THEORY §3).
+"""Signal-preserving attention, E-SPA and U-SPA (He et al. 2023, §3; docs/theory.md §3).
 
 Pick target kernels ``Σ_0 = I, Σ_1, …, Σ_L`` and set ``A_l = F_l F_{l−1}^{-1}`` with ``F_l`` the
 lower Cholesky factor of ``Σ_l`` (causal) or its symmetric square root (bidirectional); then

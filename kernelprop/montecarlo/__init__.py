@@ -12,12 +12,12 @@ at the engine's record points, and returns a :class:`Simulation` (means and stan
 from .backward import GradientSimulation, sample_output_gradient, simulate_gradients
 from .compare import Comparison, Row, check, compare, compare_gradients, gradient_table, half_width
 from .residual import composite_norm, dong_residual, residual_centre
-from .sampler import Context, forward, plan, pointwise, project, sample_inputs, weights
+from .sampler import Context, forward, plan, project, sample_inputs, weights
 from .simulate import SAMPLE_MEASURES, Simulation, simulate, write
 
 __all__ = [
     "Comparison", "Context", "GradientSimulation", "Row", "SAMPLE_MEASURES", "Simulation", "check", "compare",
     "compare_gradients", "composite_norm", "dong_residual", "forward", "gradient_table", "half_width", "plan",
-    "pointwise", "project", "residual_centre", "sample_inputs", "sample_output_gradient", "simulate",
+    "project", "residual_centre", "sample_inputs", "sample_output_gradient", "simulate",
     "simulate_gradients", "weights", "write",
 ]

@@ -43,7 +43,6 @@ records (``.forward``, a :class:`~kernelprop.montecarlo.simulate.Simulation`).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,11 +50,11 @@ from typing import Callable
 import numpy as np
 
 from .. import measures as M
-from ..errors import NotSupportedError, NumericalError, SpecError
+from ..errors import NumericalError, SpecError
 from ..inputs import Inputs
-from ..network import layers as L
-from ..network.layers import Network
-from ..kernel.backward import record_at, unit_label
+from ..layers import walk
+from ..network import walk as W
+from ..network.network import Network
 from ..kernel.propagate import Records
 from . import sampler as S
 from .simulate import Simulation, _Accumulator, _check_int, _check_seed, _finish, check_options, measure_batch
@@ -87,248 +86,26 @@ def sample_output_gradient(pi: np.ndarray, width: int, gens, kind: str = "exact"
 
 
 # ------------------------------------------------------------------------------------------------
-# forward with a tape (the sampler's rules, explicit weights)
-
-
-@dataclass
-class _Node:
-    kind: str
-    layer: object = None
-    path: str = ""
-    data: dict = field(default_factory=dict)
+# forward with a tape: each layer's own finite-width rule, with its transpose
 
 
 def tape(layer, x: np.ndarray, ctx: S.Context, bctx: S.Context | None, path: str, queries: bool = True):
     """Forward one resolved layer exactly as :func:`~kernelprop.montecarlo.sampler.forward` with
-    ``ctx.products == "explicit"`` (the same draws in the same order), returning ``(y, node)`` with
-    what :func:`back` needs. ``bctx``: the backward stream, for the virtual keys of zero-query layers
-    (``None`` or ``queries=False``: no query-gradient norms)."""
-    if isinstance(layer, L.Serial):
-        nodes, where = [], ctx.where
-        for i, child in enumerate(layer.layers):
-            ctx.where = f"{where}/{i}:{child.kind}"
-            x, node = tape(child, x, ctx, bctx, f"{path}/{i}:{child.kind}", queries)
-            nodes.append(node)
-        ctx.where = where
-        return x, _Node("serial", layer, path, {"nodes": nodes})
-    if isinstance(layer, (L.Residual, L.Parallel)):
-        branches = [layer.branch] if isinstance(layer, L.Residual) else list(layer.branches)
-        betas = [layer.beta] if isinstance(layer, L.Residual) else list(layer.betas)
-        y = layer.alpha * x if layer.alpha != 1 else x.copy()
-        nodes = []
-        for b, (branch, beta) in enumerate(zip(branches, betas)):
-            if beta != 0:
-                f, node = tape(branch, x, ctx, bctx, f"{path}/branch{b}" if len(branches) > 1 else path, queries)
-                y += beta * f
-                nodes.append((beta, node))
-        return y, _Node("sum", layer, path, {"alpha": layer.alpha, "nodes": nodes})
-    if isinstance(layer, L.Dense):
-        fan_out = S.out_width(layer, ctx.width)
-        w = S.weights(ctx, x.shape[-1], fan_out, layer.weight_var, layer.init)
-        y = np.matmul(x, w)
-        if layer.bias_var:
-            y += ctx.normal((1, fan_out)) * math.sqrt(layer.bias_var)
-        return y, _Node("dense", layer, path, {"x": x, "w": w})
-    if isinstance(layer, (L.Activation, L.LayerNorm, L.RMSNorm)):
-        return S.forward(layer, x, ctx), _Node(layer.kind, layer, path, {"x": x})
-    if isinstance(layer, L.Dropout):
-        if layer.p == 0:
-            return x, _Node("dropout", layer, path, {"mask": None})
-        mask = (ctx.uniform(x.shape[1:]) >= layer.p) * (1.0 / (1.0 - layer.p))
-        return x * mask, _Node("dropout", layer, path, {"mask": mask})
-    if isinstance(layer, L.Attention):
-        return _tape_attention(layer, x, ctx, bctx if queries else None, path)
-    raise NotSupportedError(f"{ctx.where}: the Monte Carlo backward pass has no rule for layer type "
-                            f"{type(layer).__name__}")
+    ``ctx.products == "explicit"`` (the same draws in the same order), returning ``(y, pull)`` with the
+    layer's exact transpose ``pull`` (see :func:`back`). ``bctx``: the backward stream, for the virtual
+    keys of zero-query layers (``None`` or ``queries=False``: no query-gradient norms)."""
+    saved = ctx.tape, ctx.path, ctx.bctx
+    ctx.tape, ctx.path, ctx.bctx = True, path, (bctx if queries else None)
+    try:
+        return layer.sample(x, ctx)
+    finally:
+        ctx.tape, ctx.path, ctx.bctx = saved
 
 
-def _heads(a, b, t, h):
-    """(B, t, H·k) → (B, H, t, k)."""
-    return a.reshape(b, t, h, -1).transpose(0, 2, 1, 3)
-
-
-def _unheads(a, b, t):
-    """(B, H, t, k) → (B, t, H·k)."""
-    return a.transpose(0, 2, 1, 3).reshape(b, t, -1)
-
-
-def _tape_attention(layer: L.Attention, x, ctx, bctx, path):
-    b, n, w = x.shape
-    h = layer.heads
-    mode = S.score_mode(layer, ctx.scores)
-    wv = S.weights(ctx, w, w, layer.value_var) if layer.values == "dense" else None
-    v = x if wv is None else np.matmul(x, wv)
-    uses_a = layer.beta != 0
-    wq = wk = q = k = None
-    dk = S.key_width(layer, w)
-    scale = 1.0
-    if uses_a and mode != "uniform":
-        wq = S.weights(ctx, w, h * dk, layer.qk_var)
-        q = np.matmul(x, wq)
-        if mode == "tied":
-            k = q
-        else:
-            wk = S.weights(ctx, w, h * dk, 1.0)
-            k = np.matmul(x, wk)
-        scale = 1.0 / (math.sqrt(dk) if mode == "standard" else dk)
-    out = np.empty_like(v)
-    segs = []
-    for sl, t in S.segment_slices(ctx.segments):
-        vh = _heads(v[:, sl], b, t, h)
-        key = ("offsets", id(layer.bias) if isinstance(layer.bias, np.ndarray) else layer.bias,
-               layer.alibi_scale, layer.causal, h, t)
-        offsets = ctx.cache.get(key)
-        if offsets is None:
-            offsets = ctx.cache[key] = S._logit_offsets(layer, t, ctx.where)
-        y = np.zeros(vh.shape) if layer.matrix == "softmax" else layer.alpha * vh
-        c = None
-        if S._spa(layer):
-            skey = ("spa", layer.spa, layer.spa_step, layer.spa_layers, layer.spa_final, layer.causal, t)
-            c = ctx.cache.get(skey)
-            if c is None:
-                c = ctx.cache[skey] = S._spa_matrix(layer, t)
-        elif mode == "uniform" or layer.matrix == "shaped":
-            ckey = ("zero-score",) + key[1:]
-            c = ctx.cache.get(ckey)
-            if c is None:
-                c = ctx.cache[ckey] = S.softmax(offsets.copy())
-        a = None
-        if uses_a:
-            if mode == "uniform":
-                a = c
-            else:
-                qh = _heads(q[:, sl], b, t, h)
-                kh = qh if k is q else _heads(k[:, sl], b, t, h)
-                a = S.softmax(np.matmul(qh, np.swapaxes(kh, -1, -2)) * scale + offsets)
-            y += layer.beta * np.matmul(a, vh)
-        if layer.matrix == "shaped" and layer.gamma != 0:
-            y -= layer.gamma * np.matmul(c, vh)
-        out[:, sl] = _unheads(y, b, t)
-        segs.append((sl, t, vh, a, c))
-    wo = S.weights(ctx, w, w, layer.out_var) if layer.projection == "dense" else None
-    y = out if wo is None else np.matmul(out, wo)
-    # query-gradient norms in the engine's convention (module docstring)
-    want_q = bctx is not None and not layer.weight_free and not S._spa(layer) and ctx.scores is None
-    keys = None
-    if want_q and uses_a:
-        keys = k if mode != "uniform" else S.project(bctx, x, h * dk, layer.qk_var)   # virtual keys at W_Q = 0
-    data = dict(x=x, v=v, out=out, wv=wv, wo=wo, wq=wq, wk=wk, q=q, k=k, mode=mode, scale=scale, dk=dk,
-                segs=segs, want_q=want_q, keys=keys)
-    return y, _Node("attention", layer, path, data)
-
-
-# ------------------------------------------------------------------------------------------------
-# backward through a tape
-
-
-def _gram_dot(x, g):
-    """``‖xᵀ g‖_F²`` per seed, as ``⟨x xᵀ, g gᵀ⟩`` (cheap when N ≪ width)."""
-    return np.einsum("bij,bij->b", np.matmul(x, np.swapaxes(x, -1, -2)), np.matmul(g, np.swapaxes(g, -1, -2)))
-
-
-def back(node: _Node, g: np.ndarray, grads: list, d: int) -> np.ndarray:
-    """``G_X`` from ``G_Y`` through a taped layer; appends ``(path, kind, ‖∂L/∂W‖²/d per seed)`` to ``grads``."""
-    k, data, layer = node.kind, node.data, node.layer
-    if k == "serial":
-        for child in reversed(data["nodes"]):
-            g = back(child, g, grads, d)
-        return g
-    if k == "sum":
-        out = data["alpha"] * g
-        for beta, child in data["nodes"]:
-            out = out + back(child, beta * g, grads, d)
-        return out
-    if k == "dense":
-        grads.append((node.path, "dense", _gram_dot(data["x"], g) / d))
-        return np.matmul(g, np.swapaxes(data["w"], -1, -2))
-    if k == "activation":
-        return g * (layer.scale * np.asarray(derivative(layer)(data["x"]), dtype=np.float64))
-    if k in ("layernorm", "rmsnorm"):
-        return _back_norm(layer, data["x"], g, centre=k == "layernorm" and layer.centre)
-    if k == "dropout":
-        return g if data["mask"] is None else g * data["mask"]
-    if k == "attention":
-        return _back_attention(node, g, grads, d)
-    raise NotSupportedError(f"no Monte Carlo backward rule for layer type {k}")
-
-
-def derivative(layer: L.Activation) -> Callable:
-    """φ' of an activation layer, parameters bound: the registry's ``dphi`` or the layer's ``derivative``."""
-    if callable(layer.name) and not isinstance(layer.name, str):
-        if layer.derivative is None:
-            raise NotSupportedError(f"activation {layer.label!r} is a callable without derivative=: the Monte Carlo "
-                                    "backward pass needs φ' (give Activation(f, derivative=f_prime))")
-        return functools.partial(layer.derivative, **layer.params) if layer.params else layer.derivative
-    from ..kernel.activations import ACTIVATIONS
-    spec = ACTIVATIONS[layer.name]
-    params = {**spec.params, **{k: float(v) for k, v in layer.params.items()}}
-    return functools.partial(spec.dphi, **params) if params else spec.dphi
-
-
-def _back_norm(layer, x, g, centre):
-    """Exact transpose Jacobian of ``y = g·x_c/s``: ``P_c (g/s)(G − x̂ (x̂·G)/w)``."""
-    w = x.shape[-1]
-    xc = x - x.mean(axis=-1, keepdims=True) if centre else x
-    inv = 1.0 / np.sqrt(np.einsum("bnk,bnk->bn", xc, xc)[..., None] / w + layer.eps)
-    xhat = xc * inv
-    gx = g - xhat * (np.einsum("bnk,bnk->bn", xhat, g)[..., None] / w)
-    gx *= layer.gain * inv
-    if centre:
-        gx -= gx.mean(axis=-1, keepdims=True)
-    return gx
-
-
-def _back_attention(node, g, grads, d):
-    layer, D = node.layer, node.data
-    b, n, w = g.shape
-    h = layer.heads
-    mode, scale = D["mode"], D["scale"]
-    if D["wo"] is not None:
-        grads.append((node.path, "output", _gram_dot(D["out"], g) / d))
-        g = np.matmul(g, np.swapaxes(D["wo"], -1, -2))
-    gv = np.empty_like(g)
-    score_path = mode != "uniform" and D["q"] is not None
-    gq = np.zeros_like(D["q"]) if score_path else None
-    gk = np.zeros_like(D["k"]) if score_path and D["k"] is not D["q"] else None
-    qrows = np.zeros((b, h, n, D["dk"])) if D["keys"] is not None else None   # dS_h K_h, block-diagonal dS
-    for sl, t, vh, a, c in D["segs"]:
-        go = _heads(g[:, sl], b, t, h)
-        gvh = np.zeros(go.shape) if layer.matrix == "softmax" else layer.alpha * go
-        if a is not None:
-            gvh += layer.beta * np.matmul(np.swapaxes(a, -1, -2), go)
-        if layer.matrix == "shaped" and layer.gamma != 0:
-            gvh -= layer.gamma * np.matmul(np.swapaxes(c, -1, -2), go)
-        gv[:, sl] = _unheads(gvh, b, t)
-        if a is None or not (score_path or qrows is not None):
-            continue
-        da = layer.beta * np.matmul(go, np.swapaxes(vh, -1, -2))           # ∂L/∂A_h
-        ds = a * (da - np.sum(a * da, axis=-1, keepdims=True))             # softmax Jacobian, row by row
-        if score_path:
-            qh = _heads(D["q"][:, sl], b, t, h)
-            if gk is None:                                                 # tied: S = Q Qᵀ/d_k
-                gq[:, sl] = _unheads(np.matmul((ds + np.swapaxes(ds, -1, -2)) * scale, qh), b, t)
-            else:
-                kh = _heads(D["k"][:, sl], b, t, h)
-                gq[:, sl] = _unheads(np.matmul(ds * scale, kh), b, t)
-                gk[:, sl] = _unheads(np.matmul(np.swapaxes(ds, -1, -2) * scale, qh), b, t)
-        if qrows is not None:
-            qrows[:, :, sl] = np.matmul(ds, _heads(D["keys"][:, sl], b, t, h))
-    if qrows is not None:
-        rr = np.einsum("bhik,bhjk->bij", qrows, qrows)                      # Σ_h (dS K)(dS K)ᵀ
-        xx = np.matmul(D["x"], np.swapaxes(D["x"], -1, -2))
-        grads.append((node.path, "queries", np.einsum("bij,bij->b", xx, rr) / (D["dk"] * d)))
-    elif D["want_q"]:
-        grads.append((node.path, "queries", np.zeros(b)))                   # β = 0: no path through A
-    if D["wv"] is not None:
-        grads.append((node.path, "values", _gram_dot(D["x"], gv) / d))
-        gx = np.matmul(gv, np.swapaxes(D["wv"], -1, -2))
-    else:
-        gx = gv
-    if gq is not None:
-        gx = gx + np.matmul(gq, np.swapaxes(D["wq"], -1, -2))
-    if gk is not None:
-        gx = gx + np.matmul(gk, np.swapaxes(D["wk"], -1, -2))
-    return gx
+def back(pull, g: np.ndarray, grads: list, d: int | None = None) -> np.ndarray:
+    """``G_X`` from ``G_Y`` through a taped layer; appends ``(path, kind, ‖∂L/∂W‖²/d per seed)`` to ``grads``
+    (d, the model width, was fixed when the layer was taped)."""
+    return pull(g, grads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,7 +223,7 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
     if per_seed + plan.stored_bytes(seeds, n, inputs.segments[0], True) > limit:
         raise SpecError("--width", width, f"one seed needs about {per_seed / S.GIB:.1f} GiB with explicit weights "
                         f"and one checkpoint per unit, more than {limit / S.GIB:.1f} GiB: lower --width or the depth")
-    leaves = sum(1 for _, _, layer in units for _ in L.walk(layer))
+    leaves = sum(1 for _, _, layer in units for _ in walk(layer))
     tape_seed = 8 * (plan.weight_count + 3 * leaves * n * plan.max_width)   # the whole tape of one seed
     if batch is None:
         batch = plan.auto_batch(seeds, n, t_max)
@@ -461,8 +238,8 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
 
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(_check_seed(seed))
     streams = ss.spawn(seeds)
-    rec = [record_at(units, u, every) for u in range(len(units))]
-    g_labels = [("input", 0)] + [r for r in rec if r is not None]
+    bplan = W.RecordPlan(network, "blocks", every)
+    g_labels = [("input", 0)] + [(r.label, r.block) for r in map(bplan.after_unit, W.units(network)) if r is not None]
     facc = _Accumulator(len(fwd_labels), n, True)
     fsamples = [[] for _ in fwd_labels]
     gacc = _Accumulator(len(g_labels), n, True)
@@ -516,11 +293,11 @@ def _run(network, inputs, width, gens, bgens, pi_out, grad_draw, init, input_kin
     """One batch: forward through every unit, then backward unit by unit.
 
     ``keep_tape``: the forward pass keeps every unit's tape (weights and activations). Otherwise it is
-    the sampler's own :func:`~kernelprop.montecarlo.sampler.forward` with a checkpoint (input and
-    generator states) per unit, and each unit is re-run with a tape during the backward pass and
-    checked against the sampler's output (memory: one unit's weights at a time)."""
+    the sampler's own forward with a checkpoint (input and generator states) per unit, and each unit
+    is re-run with a tape during the backward pass and checked against the sampler's output (memory:
+    one unit's weights at a time)."""
     ctx = S.Context(gens, width, inputs.segments, init=init, scores=scores, products="explicit")
-    bctx = S.Context(bgens, width, inputs.segments)
+    ctx.bctx = S.Context(bgens, width, inputs.segments)
     x = S.sample_inputs(inputs, width, gens, input_kind)
     segments = inputs.segments
     fwd = []
@@ -530,32 +307,17 @@ def _run(network, inputs, width, gens, bgens, pi_out, grad_draw, init, input_kin
         fwd.append((label, kern, mean, rows))
 
     keep("input", x)
-    units = list(network.layers())
-    depth = network.depth
-    saved = []          # per unit: its tape (keep_tape) or (input, generator states)
-    for idx, (section, l, layer) in enumerate(units):
-        recorded = l % every == 0 or l == depth
-        where = unit_label(section, l, layer)
+    all_units = list(W.units(network))
+    fplan, bplan = W.RecordPlan(network, record, every), W.RecordPlan(network, "blocks", every)
+    saved = []          # per unit: its pullbacks (keep_tape) or (input, generator states)
+    for unit in all_units:
         if not keep_tape:
             saved.append((x, [g.bit_generator.state for g in gens]))
-
-        def part_done(i, part, x, n_parts, section=section, l=l, recorded=recorded):
-            if not np.all(np.isfinite(x)):
-                raise NumericalError(f"{ctx.where}", "the finite-width features have NaN or infinite entries",
-                                     f"lower weight_var / branch weights or the depth (layer type {part.kind})")
-            if record == "sublayers" and section == "block" and recorded and i < n_parts - 1:
-                keep(f"block {l} · {i}:{part.kind}", x)
-
-        x, node = _unit(section, l, layer, x, ctx, bctx, where, part_done, taped=keep_tape)
+        x, pulls = _unit(unit, x, ctx, fplan, keep, taped=keep_tape)
         if keep_tape:
-            saved.append(node)
-        if section == "block":
-            if recorded:
-                keep(f"block {l}", x)
-        elif idx + 1 == len(units) or units[idx + 1][0] != section:
-            keep(section, x)
+            saved.append(pulls)
         if progress is not None:
-            progress(idx + 1)
+            progress(unit.index + 1)
     if grad_draw == "exact" and x.shape[-1] < pi_out.shape[0]:
         raise SpecError("grad_draw", "exact", f"the network's output has {x.shape[-1]} features, fewer than the "
                         f"{pi_out.shape[0]} tokens: use grad_draw=\"gaussian\" or a wider output")
@@ -566,58 +328,64 @@ def _run(network, inputs, width, gens, bgens, pi_out, grad_draw, init, input_kin
         p = np.matmul(g, np.swapaxes(g, -1, -2))
         bwd.append((label, 0.5 * (p + np.swapaxes(p, -1, -2))))
 
-    rec = [record_at(units, u, every) for u in range(len(units))]
-    if units and rec[-1] is not None:
-        keep_grad(rec[-1][0], g)
+    if all_units:
+        last = bplan.after_unit(all_units[-1])
+        if last is not None:
+            keep_grad(last.label, g)
     outputs = None if keep_tape else [c[0] for c in saved[1:]] + [x]
-    for u in range(len(units) - 1, -1, -1):
-        section, l, layer = units[u]
-        where = unit_label(section, l, layer)
-        ctx.where = where
+    n_units = len(all_units)
+    for u in range(n_units - 1, -1, -1):
+        unit = all_units[u]
+        ctx.where = unit.label
         if keep_tape:
-            node, saved[u] = saved[u], None
+            pulls, saved[u] = saved[u], None
         else:
             x_in, states = saved[u]
             for gen, st in zip(gens, states):
                 gen.bit_generator.state = st
-            y, node = _unit(section, l, layer, x_in, ctx, bctx, where, None, taped=True)
+            y, pulls = _unit(unit, x_in, ctx, None, None, taped=True)
             ref = outputs[u]
             if y.shape != ref.shape or not np.allclose(y, ref, rtol=1e-9, atol=1e-12 * float(np.abs(ref).max())):
-                raise RuntimeError(f"{where}: the taped re-run differs from the sampler's forward pass "  # pragma: no cover
+                raise RuntimeError(f"{unit.label}: the taped re-run differs from the sampler's forward pass "  # pragma: no cover
                                    "(the backward pass would not see the simulated network)")
             saved[u] = outputs[u] = None
-        unit = []
-        g = back(node, g, unit, width)
-        for path, kind, v in unit:
-            key = (where, l, path, kind)
+        unit_grads: list = []
+        for pull in reversed(pulls):
+            g = pull(g, unit_grads)
+        for path, kind, v in unit_grads:
+            key = (unit.label, unit.block, path, kind)
             grads[key] = grads.get(key, 0.0) + v
         if not np.all(np.isfinite(g)):
-            raise NumericalError(where, "the backpropagated gradient has NaN or infinite entries",
+            raise NumericalError(unit.label, "the backpropagated gradient has NaN or infinite entries",
                                  "lower weight variances or branch weights, or add normalisation")
-        if u > 0 and rec[u - 1] is not None:
-            keep_grad(rec[u - 1][0], g)
+        if u > 0:
+            rec = bplan.after_unit(all_units[u - 1])
+            if rec is not None:
+                keep_grad(rec.label, g)
         if progress is not None:
-            progress(2 * len(units) - u)
+            progress(2 * n_units - u)
     keep_grad("input", g)
     bwd.reverse()
     return fwd, bwd, grads
 
 
-def _unit(section, l, layer, x, ctx, bctx, where, part_done, taped):
-    """Forward one unit (a block: its top-level parts one by one; a stem/final layer), with a tape
-    (``taped``) or by the sampler's :func:`~kernelprop.montecarlo.sampler.forward`; ``part_done(i, part,
-    x, n_parts)`` after each part (sub-layer records, finiteness)."""
-    parts = layer.layers if section == "block" else (layer,)
-    nodes = []
-    for i, part in enumerate(parts):
-        ctx.where = f"block {l} · {i}:{part.kind}" if section == "block" else where
-        if taped:
-            x, node = tape(part, x, ctx, bctx, f"{where}/{i}:{part.kind}" if section == "block" else where)
-            nodes.append(node)
-        else:
-            x = S.forward(part, x, ctx)
-        if part_done is not None:
-            part_done(i, part, x, len(parts))
-    if not taped:
-        return x, None
-    return x, (_Node("serial", layer, where, {"nodes": nodes}) if section == "block" else nodes[0])
+def _unit(unit, x, ctx, plan, keep, taped):
+    """Forward one unit part by part, with tapes (``taped``) or by the sampler's forward; checks that the
+    features stay finite and keeps the planned records (``plan``, ``keep``; None: no records)."""
+    pulls = []
+    ctx.tape, ctx.path = taped, ""
+    try:
+        for i, part in enumerate(unit.parts):
+            ctx.where, ctx.path = unit.part_label(i), unit.part_path(i)
+            x, pull = S.sample(part, x, ctx)
+            pulls.append(pull)
+            if not np.all(np.isfinite(x)):
+                raise NumericalError(ctx.where, "the finite-width features have NaN or infinite entries",
+                                     f"lower weight_var / branch weights or the depth (layer type {part.kind})")
+            if plan is not None:
+                rec = plan.after(unit, i)
+                if rec is not None:
+                    keep(rec.label, x)
+    finally:
+        ctx.tape = False
+    return x, pulls

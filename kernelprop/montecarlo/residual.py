@@ -1,4 +1,4 @@
-"""Dong et al. (2021)'s rank-collapse residual, a measure only samples can give (THEORY §7).
+"""Dong et al. (2021)'s rank-collapse residual, a measure only samples can give (docs/theory.md §7).
 
 For the tokens of one sequence ``X`` (t × w, one row per token) the residual is
 ``res(X) = X − 1xᵀ`` with ``x = argmin_x ‖X − 1xᵀ‖_{1,∞}``, in the composite norm

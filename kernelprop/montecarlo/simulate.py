@@ -19,7 +19,8 @@ from .. import measures as M
 from ..errors import NumericalError, SpecError
 from ..inputs import Inputs
 from ..kernel.propagate import Records, Trajectory
-from ..network.layers import Network
+from ..network.network import Network
+from ..network.walk import RecordPlan, units
 from . import sampler as S
 from .residual import dong_residual
 
@@ -196,28 +197,20 @@ def _run(network, inputs, width, gens, input_kind, init, scores, products, recor
         out.append((label, kern, mean, rows))
 
     keep("input", x)
-    depth = network.depth
-    items = list(network.layers())
-    for idx, (section, l, layer) in enumerate(items):
-        parts = layer.layers if section == "block" else (layer,)
-        recorded = l % every == 0 or l == depth
-        for i, part in enumerate(parts):
-            where = f"block {l} · {i}:{part.kind}" if section == "block" else f"{section} · {part.kind}"
-            ctx.where = where
+    plan = RecordPlan(network, record, every)
+    for unit in units(network):
+        for i, part in enumerate(unit.parts):
+            ctx.where = unit.part_label(i)
             x = S.forward(part, x, ctx)
             if not np.all(np.isfinite(x)):
-                raise NumericalError(where, "the finite-width features have NaN or infinite entries",
+                raise NumericalError(ctx.where, "the finite-width features have NaN or infinite entries",
                                      "lower weight_var / branch weights, add a normalisation layer, or reduce "
                                      f"the depth (layer type {part.kind})")
-            if record == "sublayers" and section == "block" and recorded and i < len(parts) - 1:
-                keep(where, x)
-        if section == "block":
-            if recorded:
-                keep(f"block {l}", x)
-            if progress is not None:
-                progress(l, depth)
-        elif idx + 1 == len(items) or items[idx + 1][0] != section:
-            keep(section, x)
+            rec = plan.after(unit, i)
+            if rec is not None:
+                keep(rec.label, x)
+        if unit.section == "block" and progress is not None:
+            progress(unit.block, network.depth)
     return out
 
 

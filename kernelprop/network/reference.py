@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import layers as L
-from .spec import INPUT_KEYS, PRIMITIVES
+from .spec import INPUT_KEYS, primitives
 
 _INPUT_DOCS = {
     "tokens": "T, tokens per sequence (whole number ≥ 1; default 16)",
@@ -65,7 +65,7 @@ def reference() -> str:
         "`{ type = \"activation\", name = \"relu\" }`; its extra fields are the activation's parameters.",
         "",
     ]
-    for kind, cls in PRIMITIVES.items():
+    for kind, cls in primitives().items():
         doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         lines += [f"### `{kind}`", "", doc, "", "| field | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):

@@ -21,11 +21,15 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .. import inputs as I
 from ..errors import SpecError
+from ..layers import LAYERS
 from . import layers as L
 
-PRIMITIVES = {"dense": L.Dense, "activation": L.Activation, "layernorm": L.LayerNorm, "rmsnorm": L.RMSNorm,
-              "dropout": L.Dropout, "attention": L.Attention}
 COMPOSITES = ("residual", "parallel", "serial")
+
+
+def primitives() -> dict:
+    """``kind -> class`` of every registered layer type that a spec table can name directly."""
+    return {k: c for k, c in LAYERS.items() if k not in COMPOSITES}
 TOP_KEYS = {"name", "description", "depth", "params", "input", "record", "stem", "block", "final"}
 INPUT_KEYS = {
     "identity": {"tokens", "q", "sequences"},
@@ -116,16 +120,17 @@ def _layer(t, where) -> L.Layer:
     t = dict(t)
     kind = t.pop("type", None)
     from ..kernel.activations import ACTIVATIONS
-    if kind in ACTIVATIONS and kind not in PRIMITIVES:  # sugar: {type = "relu"}
+    prims = primitives()
+    if kind in ACTIVATIONS and kind not in prims:  # sugar: {type = "relu"}
         t["name"] = kind
         kind = "activation"
     try:
         if kind in COMPOSITES:
             return _composite(kind, t, where)
-        if kind not in PRIMITIVES:
-            raise SpecError(f"{where}.type", kind, f"must be one of {sorted(PRIMITIVES) + list(COMPOSITES)} "
+        if kind not in prims:
+            raise SpecError(f"{where}.type", kind, f"must be one of {sorted(prims) + list(COMPOSITES)} "
                             f"or an activation name {sorted(ACTIVATIONS)}")
-        cls = PRIMITIVES[kind]
+        cls = prims[kind]
         names = {f.name for f in dataclasses.fields(cls)} - {"derivative"}
         if cls is L.Activation:
             act_params = {k: t.pop(k) for k in list(t) if k not in names}

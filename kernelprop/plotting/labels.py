@@ -1,4 +1,4 @@
-"""Axis labels that say what is plotted (definitions from :mod:`kernelprop.measures`, THEORY §7)."""
+"""Axis labels that say what is plotted (definitions from :mod:`kernelprop.measures`, docs/theory.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Symbolic engine: the kernel maps of :mod:`kernelprop.kernel` in sympy (THEORY §1-4, §8).
+"""Symbolic engine: the kernel maps of :mod:`kernelprop.kernel` in sympy (docs/theory.md §1-4, §8).
 
 One network description, read by a third interpreter: :func:`block_map` composes the layer maps
 of :mod:`kernelprop.symbolic.maps` into the block map ``(q, ρ[, μ]) ↦ (q', ρ', μ')`` of the

@@ -1,4 +1,4 @@
-"""Closed-form activation kernels in sympy (THEORY §1).
+"""Closed-form activation kernels in sympy (docs/theory.md §1).
 
 For ``(u, v) ~ N(0, [[a, s], [s, b]])``, ``g = sqrt(ab)``, ``c = s/g``:
 

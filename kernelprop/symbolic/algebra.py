@@ -148,6 +148,11 @@ class Equi:
         e = sp.exp(scale * (sigma.d - sigma.o))
         return EqMatrix(e / (e + self.T - 1), 1 / (e + self.T - 1), self.T)
 
+    def linear(self, layer, sigma, where, bias, scale):
+        """Identity attention ``A = σ_qk² Σ`` (no softmax; Hron et al. 2020) of an equicorrelated Σ."""
+        self.zero_score(layer, where, bias)  # same refusals
+        return EqMatrix(scale * sigma.d, scale * sigma.o, self.T)
+
     def heads(self, layer, alibi_scale):
         return [(sp.Integer(1), None)]
 
@@ -300,6 +305,13 @@ class Explicit:
 
     def tied(self, layer, sigma, where, bias, scale):
         return self._blocks(lambda s, t: self._softmax(layer, scale * sigma.m[s:s + t, s:s + t], bias))
+
+    def linear(self, layer, sigma, where, bias, scale):
+        """Identity attention ``A = σ_qk² Σ + B`` (no softmax; Hron et al. 2020), causal entries zeroed."""
+        def block(s, t):
+            a = scale * sigma.m[s:s + t, s:s + t] + (bias[:t, :t] if bias is not None else sp.zeros(t, t))
+            return sp.Matrix(t, t, lambda i, j: a[i, j] if (j <= i or not layer.causal) else 0)
+        return self._blocks(block)
 
     def heads(self, layer, alibi_scale):
         """``[(weight, bias matrix or None)]`` per distinct head, as :func:`kernelprop.kernel.attention.head_mixings`."""

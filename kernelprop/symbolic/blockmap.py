@@ -278,7 +278,7 @@ class BlockMap:
 
 def block_map(network: Network, *, mode: str = "equicorrelated", tokens=None, symbols=(),
               opaque: bool = False, input_mean_zero: bool = True, simplify_seconds: float | None = None) -> BlockMap:
-    """Compose the symbolic maps of ``network`` (THEORY §1-2).
+    """Compose the symbolic maps of ``network`` (docs/theory.md §1-2).
 
     ``mode``: ``"equicorrelated"`` (state q, ρ, μ on T tokens, T a symbol) or ``"explicit"``
     (``tokens`` = T or a tuple of sequence lengths; N×N sympy matrices). ``symbols``: numeric

@@ -1,6 +1,6 @@
 """Derivations from a block map: closed-form trajectories, the C-map, fixed points and their stability.
 
-* Closed form (THEORY §4): in the equicorrelated mode the block map is rewritten in the coordinates
+* Closed form (docs/theory.md §4): in the equicorrelated mode the block map is rewritten in the coordinates
   ``x = q(1−ρ)`` (eigenvalue of Σ on 1^⊥) and ``m = q(ρ + (1−ρ)/T)`` (mean entry, eigenvalue on 1
   over T). Blocks built from Dense layers, attention, residual and parallel sums and dropout are
   affine there — uniform attention multiplies m only — so the recursion ``s_l = M s_{l−1} + b``
@@ -8,7 +8,7 @@
   residual uniform-attention block of Noci et al. (2022) this gives ``x_l = x_0`` and
   ``m_l = (1 + β²σ_v²σ_o²)^l m_0``. Nonlinear blocks get the coordinates that decouple (e.g.
   ``q_l = (σ_w²/2)^l q_0`` for a ReLU MLP); the rest is reported as "no closed form found".
-* C-map (THEORY §8, DKS: Martens et al. 2021): ``C(c) = ρ'(q = 1, ρ = c, μ = 0)``, its slope
+* C-map (docs/theory.md §8, DKS: Martens et al. 2021): ``C(c) = ρ'(q = 1, ρ = c, μ = 0)``, its slope
   ``χ = C'(1)`` and the angle exponent ``λ_a = ½ ln χ`` (Cowsik et al. 2024). At a marginal fixed
   point (χ = 1) with ``C(1 − ε) = 1 − ε + k ε^s + …`` the approach is a power law,
   ``1 − ρ_l ≈ ((s − 1) k l)^{−1/(s−1)}`` (for ReLU: ``9π²/(2l²)``, Hayou et al. 2019).
@@ -311,7 +311,7 @@ class CMap:
 
 
 def c_map(bm: BlockMap, tokens=None) -> CMap | None:
-    """The block's C-map on normalised inputs and its slope at 1 (THEORY §8). Equicorrelated mode only."""
+    """The block's C-map on normalised inputs and its slope at 1 (docs/theory.md §8). Equicorrelated mode only."""
     if bm.mode != "equicorrelated" or bm.block is None:
         return None
     out = bm.outputs("block")

@@ -10,7 +10,6 @@ values are kept for numeric evaluation. Field paths follow the spec's names: ``b
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -121,6 +120,8 @@ def _field_paths(serial: NL.Serial, prefix: str):
 
 
 def _layer_fields(layer, where):
+    """The numeric fields the wide-limit maps read (:meth:`~kernelprop.layers.Layer.kernel_fields`), then
+    those of the children, with spec-style paths (``layers[i]``, ``branches[k].beta``, ``branches[k].layers[i]``)."""
     if isinstance(layer, NL.Serial):
         yield from _field_paths(layer, f"{where}.layers")
     elif isinstance(layer, NL.Residual):
@@ -133,24 +134,10 @@ def _layer_fields(layer, where):
             yield f"{where}.branches[{k}].beta", layer, f"betas[{k}]", b, "real"
             yield from _field_paths(br, f"{where}.branches[{k}].layers")
     else:
-        for f in dataclasses.fields(layer):
-            if "numeric" in f.metadata and _used(layer, f.name):
-                yield f"{where}.{f.name}", layer, f.name, getattr(layer, f.name), f.metadata["numeric"]
-        if isinstance(layer, NL.Activation) and not callable(layer.name):
-            for k, v in layer.params.items():
-                yield f"{where}.{k}", layer, f"params.{k}", v, "real"
-
-
-def _used(layer, name: str) -> bool:
-    """Whether the wide-limit kernel map reads this field (Monte Carlo-only and inactive fields are not)."""
-    if name in ("width_factor", "key_width"):
-        return False
-    if isinstance(layer, NL.Attention):
-        return {"alpha": layer.matrix in ("value_skipinit", "shaped"), "beta": layer.matrix in ("value_skipinit", "shaped"),
-                "gamma": layer.matrix == "shaped", "qk_var": layer.scores == "tied",
-                "alibi_scale": isinstance(layer.bias, str), "value_var": layer.values == "dense",
-                "out_var": layer.projection == "dense"}.get(name, True)
-    return True
+        checks = {name: check for name, _, check in layer.numeric_fields()}
+        for name in layer.kernel_fields():
+            path = f"{where}.{name[7:] if name.startswith('params.') else name}"
+            yield path, layer, name, layer.field_value(name), checks.get(name, "real")
 
 
 class Namespace:
@@ -221,11 +208,7 @@ class Namespace:
         sym = self.fields.get((id(layer), name))
         if sym is not None:
             return sym
-        if name.startswith("params."):
-            return self.convert(layer.params[name[7:]])
-        if name.startswith("betas["):
-            return self.convert(layer.betas[int(name[6:-1])])
-        return self.convert(getattr(layer, name))
+        return self.convert(layer.field_value(name))
 
     def substitutions(self, at_l=None) -> dict:
         """``{symbol: value}`` for every chosen field, param and L (and l if given), fully numeric."""

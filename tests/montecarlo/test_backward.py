@@ -17,6 +17,7 @@ from kernelprop.errors import NotSupportedError, SpecError
 from kernelprop.kernel.backward import backpropagate
 from kernelprop.methods import presets
 from kernelprop.montecarlo import backward as MB
+from kernelprop.layers.attention import logit_offsets
 from kernelprop.montecarlo import sampler as S
 from kernelprop.network.layers import (Activation, Attention, Dense, Dropout, LayerNorm, Network, Parallel,
                                        Residual, RMSNorm)
@@ -185,7 +186,7 @@ def _attention_loss(layer, x, gy, node, wq, keys_of, scale, segments):
         sl = slice(start, start + t)
         start += t
         heads = lambda z: z[:, sl].reshape(b, t, h, -1).transpose(0, 2, 1, 3)
-        s = heads(q) @ np.swapaxes(heads(keys), -1, -2) * scale + S._logit_offsets(layer, t, "test")
+        s = heads(q) @ np.swapaxes(heads(keys), -1, -2) * scale + logit_offsets(layer, t, "test")
         a = np.exp(s - s.max(-1, keepdims=True))
         a /= a.sum(-1, keepdims=True)
         out[:, sl] = (a @ heads(v)).transpose(0, 2, 1, 3).reshape(b, t, w)
@@ -416,7 +417,7 @@ def test_standard_scores_backward_includes_the_score_path():
 def test_standard_scores_score_path_against_brute_force():
     """``Π_X = Σ_draws w [AᵀΠA + σ_qk² (Π ⊙ T + Σ_ik Π_ik Σ_ik J_i Σ J_k)]`` and queries ``Σ w ⟨Π ⊙ Σ, T⟩``,
     by explicit loops over the engine's own draws of A (H = 2, causal, Value-SkipInit: weight β²)."""
-    from kernelprop.kernel import attention
+    from kernelprop.layers.attention import matrices as attention
     net = Network(block=[Attention(heads=2, scores="standard", qk_var=2.0, causal=True, score_samples=4,
                                    matrix="value_skipinit", alpha=0.6, beta=0.8)], depth=1)
     layer = resolved(net.block.layers).layers[0]
@@ -456,7 +457,7 @@ def test_all_pairs_query_formula():
     """``∂L/∂W_Q = Σ_sequences X_sᵀ dS_s K_s``: its norm sums Π_ik Σ_ik T_ik over *all* token pairs; cross-sequence
     pairs vanish only when the cross-sequence blocks of Σ are constant (then J_i Σ_ab = 0). Brute force and
     the simulation (Richardson-extrapolated) against the engine; same-sequence pairs alone give 1/1.9 of it."""
-    from kernelprop.kernel import attention
+    from kernelprop.layers.attention import matrices as attention
     net = Network(block=[Attention(heads=1)], depth=1)
     layer = resolved(net.block.layers).layers[0]
     th = backpropagate(net, REPEATED, output_grad="equicorrelated", rho=0.9)

@@ -169,9 +169,14 @@ def test_a_fully_masked_row_is_a_spec_error():
 
 
 def test_unknown_layer_types_are_refused():
-    class Conv(Dense):
+    """A layer type without a finite-width rule is refused by name, before or while sampling."""
+    from dataclasses import dataclass
+    from kernelprop.layers import Layer
+
+    @dataclass(frozen=True, eq=False)
+    class Conv(Layer):
         kind = "conv"
-    with pytest.raises(NotSupportedError, match="Conv"):
+    with pytest.raises(NotSupportedError, match="layer `conv` has no finite-width rule"):
         mc.simulate(Network(block=Serial(Conv()), depth=1), X8, 64, 2)
 
 

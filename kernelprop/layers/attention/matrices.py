@@ -1,4 +1,6 @@
-"""Attention matrices in the wide limit and the token mixings they induce (THEORY §2).
+"""Attention matrices and the token mixings they induce (docs/theory.md §2) — the helpers every
+interpreter of :class:`~kernelprop.layers.attention.Attention` shares: ALiBi slopes, score biases
+with masks and their checks, the masked softmax, the wide-limit mixings of each head.
 
 A :class:`Mixing` is a block-diagonal linear map on tokens (one block per sequence) that knows how
 to left-multiply a matrix. Structured mixings never form a dense T×T matrix: uniform and causal
@@ -9,16 +11,67 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import SpecError
+from ...errors import SpecError
+from ...inputs import segment_slices
 
 _UNDERFLOW = -700.0  # exp(-700) ≈ 1e-304 is still a normal float; smaller weights are set to exactly 0
 
 
-def segment_slices(segments):
-    start = 0
-    for t in segments:
-        yield slice(start, start + t)
-        start += t
+# ----------------------------------------------------------------------------------------------
+# biases, masks, softmax
+
+
+def alibi_slopes(heads: int, scale: float = 1.0) -> np.ndarray:
+    """ALiBi head slopes ``s_h = scale · 2^{−8h/H}``, h = 1…H (Press et al. 2022)."""
+    return scale * 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+
+
+def bias_matrices(layer, t: int):
+    """Per-head additive score biases for a sequence of length ``t`` (list of H arrays, or None)."""
+    if layer.bias is None:
+        return None
+    pos = np.arange(t)
+    if isinstance(layer.bias, str):  # alibi
+        dist = np.abs(pos[:, None] - pos[None, :]).astype(float)
+        return [-s * dist for s in alibi_slopes(layer.heads, layer.alibi_scale)]
+    b = layer.bias
+    if b.shape[-1] < t:
+        raise SpecError("attention.bias", f"{b.shape[-1]}×{b.shape[-1]} matrix",
+                        f"must cover the longest sequence ({t} tokens)")
+    if b.ndim == 2:
+        return [b[:t, :t]] * layer.heads
+    return [bh[:t, :t] for bh in b]
+
+
+def logit_offsets(layer, t: int, where: str) -> np.ndarray:
+    """Bias plus mask for a sequence of length t: (H, t, t) with −inf where masked; every query
+    must keep at least one key."""
+    h = layer.heads
+    biases = bias_matrices(layer, t)
+    out = np.zeros((h, t, t)) if biases is None else np.stack(biases).astype(float, copy=True)
+    if layer.causal:
+        pos = np.arange(t)
+        out[:, pos[:, None] < pos[None, :]] = -np.inf
+    top = out.max(axis=-1)
+    if not np.all(np.isfinite(top)):
+        head, row = np.argwhere(~np.isfinite(top))[0]
+        raise SpecError(f"{where}.bias", f"row {int(row)} of head {int(head)} fully masked",
+                        "every query needs at least one allowed key: remove the -inf entries that empty the row")
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row softmax over the last axis, in place on ``z``: masked (−inf) entries are exactly 0 and
+    weights below e^−700 are flushed to 0 (no denormals)."""
+    z -= z.max(axis=-1, keepdims=True)
+    z[z < _UNDERFLOW] = -np.inf
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+# ----------------------------------------------------------------------------------------------
+# token mixings (the numeric engine)
 
 
 class Mixing:
@@ -72,7 +125,6 @@ class Uniform(Mixing):
             else:
                 out[sl] = block.mean(axis=0, keepdims=True)
         return out
-
 
     def left_t(self, x):
         if not self.causal:
@@ -156,56 +208,27 @@ class Combination(Mixing):
         return out
 
 
-def alibi_slopes(heads: int, scale: float = 1.0) -> np.ndarray:
-    """ALiBi head slopes ``s_h = 2^{−8h/H}``, h = 1…H (Press et al. 2022)."""
-    return scale * 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
-
-
-def bias_matrices(layer, t: int):
-    """Per-head additive score biases for a sequence of length ``t`` (list of H arrays, or None)."""
-    if layer.bias is None:
-        return None
-    pos = np.arange(t)
-    if isinstance(layer.bias, str):  # alibi
-        dist = np.abs(pos[:, None] - pos[None, :]).astype(float)
-        return [-s * dist for s in alibi_slopes(layer.heads, layer.alibi_scale)]
-    b = layer.bias
-    if b.shape[-1] < t:
-        raise SpecError("attention.bias", f"{b.shape[-1]}×{b.shape[-1]} matrix",
-                        f"must cover the longest sequence ({t} tokens)")
-    if b.ndim == 2:
-        return [b[:t, :t]] * layer.heads
-    return [bh[:t, :t] for bh in b]
-
-
-def softmax_rows(logits: np.ndarray, where: str) -> np.ndarray:
-    """Row softmax with masked (−inf) entries exactly 0 and no denormal weights."""
-    top = logits.max(axis=-1, keepdims=True)
-    if not np.all(np.isfinite(top)):
-        row = int(np.argwhere(~np.isfinite(top))[0][0])
-        raise SpecError(f"{where}.bias", f"row {row} fully masked",
-                        "every query needs at least one allowed key: remove the -inf entries that empty the row")
-    z = logits - top
-    z[z < _UNDERFLOW] = -np.inf
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
-def _softmax_blocks(layer, segments, logits_of, head_bias):
+def _softmax_blocks(segments, logits_of, offsets):
+    """Per sequence: ``softmax(logits + offsets)`` with ``offsets`` the (t_max × t_max) bias and mask."""
     blocks = []
     for sl, t in zip(segment_slices(segments), segments):
-        logits = logits_of(sl, t)
-        if head_bias is not None:
-            logits = logits + head_bias[:t, :t]
-        if layer.causal:
-            logits = np.where(np.tril(np.ones((t, t), dtype=bool)), logits, -np.inf)
-        blocks.append(softmax_rows(logits, "attention"))
+        blocks.append(softmax(logits_of(sl, t) + offsets[:t, :t]))
     return Dense(segments, blocks)
 
 
-def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, seed=(0,)) -> list:
-    """The mixing ``M_h`` of every head of a resolved :class:`~kernelprop.network.layers.Attention`.
+def _linear_blocks(segments, logits_of, offsets):
+    """Identity attention (no softmax): ``A = S + B`` with masked entries 0 (Hron et al. 2020)."""
+    blocks = []
+    for sl, t in zip(segment_slices(segments), segments):
+        off = offsets[:t, :t]
+        a = logits_of(sl, t) + np.where(np.isfinite(off), off, 0.0)
+        a[~np.isfinite(off)] = 0.0
+        blocks.append(a)
+    return Dense(segments, blocks)
+
+
+def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, seed=(0,), where="attention") -> list:
+    """The mixing ``M_h`` of every head of a resolved :class:`~kernelprop.layers.attention.Attention`.
 
     Heads with identical matrices are returned once with a multiplicity: a list of (weight, Mixing)
     whose weights add to 1 (the ``1/H`` head average). Random (``standard``) scores give one entry
@@ -219,33 +242,34 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
             raise SpecError("attention.matrix", "shaped", "cannot be combined with spa")
         return [(1.0, a)]
     longest = max(segments)
-    biases = bias_matrices(layer, longest)
-    if biases is None:
-        distinct = [(1.0, None)]
+    offsets = logit_offsets(layer, longest, where)
+    if layer.bias is None:
+        distinct = [(1.0, 0)]
     elif isinstance(layer.bias, np.ndarray) and layer.bias.ndim == 2:
-        distinct = [(1.0, biases[0])]
+        distinct = [(1.0, 0)]
     else:
-        distinct = [(1.0 / layer.heads, b) for b in biases]
+        distinct = [(1.0 / layer.heads, h) for h in range(layer.heads)]
 
-    def zero_score(bias):
-        if bias is None:
+    def zero_score(h):
+        if layer.bias is None:
             return Uniform(segments, layer.causal)
-        return _softmax_blocks(layer, segments, lambda sl, t: np.zeros((t, t)), bias)
+        return _softmax_blocks(segments, lambda sl, t: np.zeros((t, t)), offsets[h])
 
+    blocks_of = _linear_blocks if layer.attention == "identity" else _softmax_blocks
     bias_key = id(layer.bias) if isinstance(layer.bias, np.ndarray) else layer.bias
     if layer.scores == "standard":
-        distinct = [(1.0 / layer.heads, b) for b in (biases or [None] * layer.heads)]
+        distinct = [(1.0 / layer.heads, h) for h in range(layer.heads)]
         factors = [_sqrt_factor(sigma[sl, sl]) for sl in segment_slices(segments)]
         rng = np.random.default_rng([*seed, 7919])
         scale = np.sqrt(layer.qk_var)
     out = []
-    for h, (weight, bias) in enumerate(distinct):
+    for weight, h in distinct:
         c = None
-        if layer.scores == "uniform" or layer.matrix == "shaped":  # the zero-score matrix C is fixed
+        if layer.attention == "softmax" and (layer.scores == "uniform" or layer.matrix == "shaped"):
             key = (layer.causal, bias_key, layer.alibi_scale, layer.heads, h, tuple(segments))
             c = cache.get(key) if cache is not None else None
             if c is None:
-                c = zero_score(bias)
+                c = zero_score(h)
                 if cache is not None:
                     cache[key] = c
         if layer.scores == "standard":
@@ -253,13 +277,15 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
             for _ in range(n):
                 draws = [scale * f @ rng.standard_normal((len(f), len(f))) @ f.T for f in factors]
                 it = iter(draws)
-                a = _softmax_blocks(layer, segments, lambda sl, t: next(it), bias)
+                a = blocks_of(segments, lambda sl, t: next(it), offsets[h])
                 out.append((weight / n, _modified(layer, a, c)))
             continue
-        if layer.scores == "uniform":
+        if layer.scores == "uniform" and layer.attention == "softmax":
             a = c
+        elif layer.scores == "uniform":  # identity attention at zero scores: the bias alone
+            a = blocks_of(segments, lambda sl, t: np.zeros((t, t)), offsets[h])
         else:  # tied 1/d scaling: deterministic scores σ_qk² Σ (Hron et al. 2020)
-            a = _softmax_blocks(layer, segments, lambda sl, t: layer.qk_var * sigma[sl, sl], bias)
+            a = blocks_of(segments, lambda sl, t: layer.qk_var * sigma[sl, sl], offsets[h])
         out.append((weight, _modified(layer, a, c)))
     return out
 
@@ -278,9 +304,13 @@ def _sqrt_factor(s):
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+# ----------------------------------------------------------------------------------------------
+# signal-preserving attention (He et al. 2023)
+
+
 def spa_mixing(layer, segments, cache=None) -> Dense:
     """The SPA matrix ``A_l`` of every sequence (He et al. 2023), cached per length and step."""
-    from ..methods import spa
+    from ...methods import spa
     blocks = []
     for t in segments:
         key = ("spa", layer.spa, t, layer.spa_step, layer.spa_layers, layer.spa_final, layer.causal)
@@ -291,3 +321,13 @@ def spa_mixing(layer, segments, cache=None) -> Dense:
                 cache[key] = a
         blocks.append(a)
     return Dense(segments, blocks)
+
+
+def spa_realised(layer, t: int) -> np.ndarray:
+    """Signal-preserving attention realised as a network would: ``D softmax(B + M)`` with the
+    location-dependent rescaling ``D`` and bias ``B`` of :func:`kernelprop.methods.spa.softmax_form`
+    (He et al. 2023, §3); seed-independent (zero queries), the same for every head."""
+    from ...methods import spa
+    a = spa.attention_matrix(layer.spa, t, layer.spa_step, layer.spa_layers, layer.spa_final, layer.causal)
+    d, b = spa.softmax_form(a, layer.causal)
+    return d[:, None] * softmax(b.copy())

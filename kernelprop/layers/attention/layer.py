@@ -1,0 +1,503 @@
+"""Multi-head self-attention ``concat_h(M_h X W_V,h) W_O``: description and every rule.
+
+Kernel map (docs/theory.md §1-2): ``Σ' = σ_v² σ_o² (1/H) Σ_h M_h Σ M_hᵀ`` with the mixing ``M_h`` of
+:mod:`.matrices` (zero-score, tied 1/d or standard 1/sqrt(d_k) scores; Value-SkipInit, shaped; SPA;
+or identity attention ``A = S``). Backward: ``Π_X = σ_v²σ_o² (1/H) Σ_h M_hᵀ Π M_h`` plus, for standard
+scores, the O(1) path through the scores (docs/theory.md §11). Finite width: the real per-head
+computation with random weights, and its exact transpose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...errors import NotSupportedError, SpecError
+from ...inputs import segment_slices
+from ...kernel.state import ZERO, Dependence
+from ..base import Layer, Param, choice, num, register_layer
+from ..composite import axpy
+from . import matrices as MX
+
+
+@register_layer
+@dataclass(frozen=True, eq=False)
+class Attention(Layer):
+    """Multi-head self-attention ``concat_h(A_h X W_V,h) W_O`` (docs/theory.md §1-2).
+
+    Kernel map: ``Σ' = σ_v² σ_o² (1/H) Σ_h A_h Σ A_hᵀ`` where ``A_h`` is
+
+    * ``scores="uniform"``: zero queries (He et al. 2023) or independent Q, K at 1/d scaling:
+      ``A = softmax(B_h + M)``; without bias ``11ᵀ/T`` or, causal, ``A_ij = 1/i`` for ``j ≤ i``;
+    * ``scores="tied"``: tied 1/d scaling (Hron et al. 2020): ``A = softmax(σ_qk² Σ + B_h + M)``;
+    * ``scores="standard"``: independent queries and keys at 1/sqrt(d_k) scaling: the scores stay
+      Gaussian at infinite width, ``S = σ_qk F Z Fᵀ`` with ``F Fᵀ = Σ`` and Z i.i.d. standard normal, so the
+      kernel ``σ_v²σ_o² E[A Σ Aᵀ]`` is estimated over ``score_samples`` draws of Z per head, with its
+      standard error added to the reported approximation error (docs/theory.md §2 case 3);
+
+    ``attention="identity"`` drops the softmax: ``A = S + B_h`` with masked entries 0 (Hron et al. 2020).
+    The matrix is then modified by ``matrix``: ``"value_skipinit"`` ``αI + βA`` (He et al. 2023;
+    defaults α=1, β=0) or ``"shaped"`` ``αI + βA − γC`` with C the zero-score matrix (He & Hofmann 2024;
+    defaults 1, 1, 1). ``bias`` is ``None``, ``"alibi"`` (``B_ij = −s_h|i−j|``, ``s_h = 2^{−8h/H}``,
+    Press et al. 2022) or a T×T array. ``values``/``projection`` = ``"identity"`` make the layer
+    weight-free (SAS). ``spa = "e-spa" | "u-spa"`` replaces the zero-score matrix by the
+    signal-preserving matrix ``A_l = D_l softmax(B_l + M)`` of step ``spa_step`` of a schedule of
+    ``spa_layers`` steps (He et al. 2023, see :mod:`kernelprop.methods.spa`).
+    """
+
+    heads: int = 1
+    scores: str = choice("uniform", ("uniform", "tied", "standard"), "attention-score limit")
+    causal: bool = False
+    bias: Any = None
+    qk_var: Param = num(1.0, "nonneg", "σ_qk²: score scale for tied scores")
+    value_var: Param = num(1.0, "nonneg", "σ_v²")
+    out_var: Param = num(1.0, "nonneg", "σ_o²")
+    values: str = choice("dense", ("dense", "identity"), "value weights")
+    projection: str = choice("dense", ("dense", "identity"), "output projection")
+    matrix: str = choice("softmax", ("softmax", "value_skipinit", "shaped"), "attention-matrix modification")
+    alpha: Param = num(None, "real", "α (identity weight) for value_skipinit/shaped")
+    beta: Param = num(None, "real", "β (softmax weight) for value_skipinit/shaped")
+    gamma: Param = num(None, "real", "γ (centring weight) for shaped")
+    alibi_scale: Param = num(1.0, "nonneg", "multiplier of the ALiBi slopes")
+    key_width: Param = num(None, "positive", "query/key width per head as a multiple of d/H (Monte Carlo only)",
+                           kernel=False)
+    score_samples: int = 64
+    spa: str = choice("none", ("none", "e-spa", "u-spa"), "signal-preserving attention matrices (He et al. 2023)")
+    spa_final: Param = num(None, "real", "final γ_L (E-SPA, default 0.005) or ρ_L (U-SPA, default 0.8)")
+    spa_step: Param = num("l", "nonneg", "step of the SPA schedule (default: the block index l)")
+    spa_layers: Param = num("L", "positive", "length of the SPA schedule (default: the depth L)")
+    attention: str = choice("softmax", ("softmax", "identity"),
+                            "softmax, or identity attention A = S (no softmax; Hron et al. 2020)")
+    kind = "attention"
+
+    _DEFAULTS = {"softmax": (1.0, 1.0, 0.0), "value_skipinit": (1.0, 0.0, 0.0), "shaped": (1.0, 1.0, 1.0)}
+
+    def __post_init__(self):
+        a, b, g = self._DEFAULTS[self.matrix] if self.matrix in self._DEFAULTS else (1.0, 1.0, 0.0)
+        for name, default in (("alpha", a), ("beta", b), ("gamma", g)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.key_width is None:
+            object.__setattr__(self, "key_width", 1.0)
+        super().__post_init__()
+        if isinstance(self.score_samples, bool) or not isinstance(self.score_samples, (int, np.integer)) \
+                or self.score_samples < 2:
+            raise SpecError("attention.score_samples", self.score_samples, "must be a whole number >= 2")
+        if isinstance(self.heads, bool) or not isinstance(self.heads, (int, np.integer)) or self.heads < 1:
+            raise SpecError("attention.heads", self.heads, "must be a whole number >= 1")
+        if self.matrix == "softmax" and (self.alpha != 1.0 or self.beta != 1.0 or self.gamma != 0.0):
+            raise SpecError("attention.matrix", self.matrix,
+                            "alpha/beta/gamma only apply with matrix = \"value_skipinit\" or \"shaped\"")
+        if self.matrix == "value_skipinit" and self.gamma != 0.0:
+            raise SpecError("attention.gamma", self.gamma, "only applies with matrix = \"shaped\"")
+        if self.spa != "none" and (self.scores != "uniform" or self.bias is not None):
+            raise SpecError("attention.spa", self.spa, "SPA sets the attention matrix itself: it needs "
+                            "scores = \"uniform\" (zero queries) and no bias")
+        if isinstance(self.bias, str) and self.bias != "alibi":
+            raise SpecError("attention.bias", self.bias, "must be \"alibi\", a T×T array or omitted")
+        if self.bias is not None and not isinstance(self.bias, str):
+            b = np.asarray(self.bias, dtype=float)
+            if b.ndim not in (2, 3) or b.shape[-1] != b.shape[-2] or not np.all(np.isfinite(b) | (b == -np.inf)):
+                raise SpecError("attention.bias", "array of shape " + str(b.shape),
+                                "must be \"alibi\", or a T×T (or H×T×T) array of finite numbers or -inf")
+            if b.ndim == 3 and b.shape[0] != self.heads:
+                raise SpecError("attention.bias", f"{b.shape[0]} head matrices", f"needs one per head ({self.heads})")
+            if self.attention == "identity" and not np.all(np.isfinite(b)):
+                raise SpecError("attention.bias", "array with -inf entries",
+                                "identity attention adds the bias to the scores: it must be finite (use causal = true "
+                                "for a causal mask)")
+            object.__setattr__(self, "bias", b)
+        if self.attention == "identity":
+            if self.scores == "standard":
+                raise SpecError("attention.scores", self.scores, "identity attention (attention = \"identity\") "
+                                "supports scores = \"tied\" (A = σ_qk² Σ) or \"uniform\" (A = the bias alone)")
+            if self.matrix != "softmax" or self.spa != "none":
+                raise SpecError("attention.attention", self.attention,
+                                "identity attention takes no matrix modification (matrix = \"softmax\") and no spa")
+
+    @property
+    def weight_free(self) -> bool:
+        """True when the layer is a pure token mixing ``x ↦ M x`` (identity values and projection)."""
+        return self.values == "identity" and self.projection == "identity"
+
+    def kernel_fields(self):
+        used = {"alpha": self.matrix in ("value_skipinit", "shaped"), "beta": self.matrix in ("value_skipinit", "shaped"),
+                "gamma": self.matrix == "shaped", "qk_var": self.scores != "uniform",
+                "alibi_scale": isinstance(self.bias, str), "value_var": self.values == "dense",
+                "out_var": self.projection == "dense"}
+        return tuple(name for name in super().kernel_fields()
+                     if used.get(name, True) and (self.spa != "none" or not name.startswith("spa_")))
+
+    # ------------------------------------------------------------------------------------------
+    # infinite width
+
+    def mixings(self, sigma, segments, ctx) -> list:
+        """``[(weight, M_h)]`` for this layer on kernel ``sigma`` (random scores seeded by ``ctx``)."""
+        return MX.head_mixings(self, sigma, segments, ctx.cache, seed=ctx.next_seed())
+
+    def kernel_map(self, s, ctx):
+        heads = self.mixings(s.sigma, s.segments, ctx)
+        err = 0.0
+        if self.scores == "standard":   # Monte Carlo over the scores: mean and its standard error
+            draws = np.stack([m.kernel(s.sigma) for _, m in heads])
+            weights = np.array([w for w, _ in heads])
+            sigma = np.tensordot(weights, draws, axes=1)
+            n = self.score_samples
+            err = float(np.max(np.std(draws, axis=0, ddof=1)) / np.sqrt(n * self.heads))
+        else:
+            sigma = heads[0][1].kernel(s.sigma)
+            if heads[0][0] != 1.0:
+                sigma *= heads[0][0]
+            for w, m in heads[1:]:
+                sigma = axpy(sigma, w, m.kernel(s.sigma))
+        back = self._backward(heads, s.sigma, s.segments, ctx.path)
+        if self.weight_free:
+            mean = sum(w * m.left(s.mean[:, None])[:, 0] for w, m in heads)
+            dep = s.dep
+            if dep is not None and dep.kind in ("diag", "dense"):
+                if dep.headwise and len(heads) > 1:
+                    raise NotSupportedError(f"{ctx.where}: two multi-head weight-free mixings with different head "
+                                            "matrices in one residual branch; give the heads identical biases")
+                p = sum(w * m.left(dep.matrix(s.n)) for w, m in heads)
+                dep = Dependence("dense", p, headwise=dep.headwise or len(heads) > 1)
+            return s.replace(sigma=sigma, mean=mean, dep=dep, quad_error=s.quad_error + err), back
+        scale = (self.value_var if self.values == "dense" else 1.0) * \
+                (self.out_var if self.projection == "dense" else 1.0)
+        if scale != 1.0:
+            sigma *= scale
+        return s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
+                         width=1.0, quad_error=scale * (s.quad_error + err)), back
+
+    def _backward(self, heads, sigma, segments, path):
+        """The backward rule over the forward's own mixings (docs/theory.md §11).
+
+        ``Π_X = σ_v²σ_o² (1/H) Σ_h A_hᵀ Π A_h`` (+ the score path for standard scores); parameter-gradient
+        norms of values, output projection and queries (softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ``).
+        """
+        def back(pi, grads):
+            out = sum(w * m.kernel_t(pi) for w, m in heads)
+            if self.weight_free:
+                return out
+            sv = self.value_var if self.values == "dense" else 1.0
+            so = self.out_var if self.projection == "dense" else 1.0
+            mixed = sum(w * float(np.vdot(m.kernel(sigma), pi)) for w, m in heads)    # ⟨AΣAᵀ, Π⟩, head-averaged
+            if self.values == "dense":
+                grads.append((path, "values", so * mixed))
+            if self.projection == "dense":
+                grads.append((path, "output", sv * mixed))
+            if self.spa != "none":
+                return (sv * so) * out          # SPA fixes the matrix through D_l and B_l: no score weights
+            standard = self.scores == "standard"
+            if self.attention == "identity":
+                q, score_pi = _identity_score_term(heads, sigma, pi, segments, self.causal), None
+            else:
+                q, score_pi = score_terms(heads, sigma, pi, standard)
+            # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
+            grads.append((path, "queries", (1.0 if standard else self.qk_var) * sv * so * q))
+            out = (sv * so) * out
+            if standard:
+                out = out + (self.qk_var * sv * so) * score_pi
+            return out
+        return back
+
+    # ------------------------------------------------------------------------------------------
+    # finite width
+
+    def score_mode(self, override: str | None) -> str:
+        """The score law the sampler uses: the layer's, or the simulation's override
+        (``"independent"`` for zero-score layers, ``"standard"`` for any softmax layer)."""
+        if self.spa != "none":
+            return "uniform"          # SPA fixes the matrix itself (zero queries)
+        if self.attention == "identity":
+            return self.scores
+        if override == "standard" or (override == "independent" and self.scores == "uniform"):
+            return override
+        return self.scores
+
+    def key_dim(self, w: int) -> int:
+        """Query/key width per head in the Monte Carlo: ``round(key_width · w/H)``."""
+        return max(1, int(round(self.key_width * w / self.heads)))
+
+    def sample(self, x, ctx):
+        from ...montecarlo import sampler as S
+        b, n, w = x.shape
+        h = self.heads
+        mode = self.score_mode(ctx.scores)
+        tape = ctx.tape
+
+        def linear(inp, fan_out, var):
+            if not tape:
+                return S.project(ctx, inp, fan_out, var), None
+            wt = S.weights(ctx, inp.shape[-1], fan_out, var)
+            return np.matmul(inp, wt), wt
+
+        v, wv = (x, None) if self.values == "identity" else linear(x, w, self.value_var)
+        uses_a = self.beta != 0
+        q = k = wq = wk = None
+        dk = self.key_dim(w)
+        scale = 1.0
+        if uses_a and mode != "uniform":
+            q, wq = linear(x, h * dk, self.qk_var)
+            k, wk = (q, None) if mode == "tied" else linear(x, h * dk, 1.0)
+            scale = 1.0 / (math.sqrt(dk) if mode == "standard" else dk)
+        out = np.empty_like(v)
+        segs = []
+        for sl, t in zip(segment_slices(ctx.segments), ctx.segments):
+            vh = _heads(v[:, sl], b, t, h)                                      # (B, H, t, dv)
+            offsets, c = self._fixed_matrices(ctx, t, mode)
+            y = np.zeros(vh.shape) if self.matrix == "softmax" else self.alpha * vh
+            a = None
+            if uses_a:
+                if mode == "uniform" and self.attention == "softmax":
+                    a = c
+                else:
+                    if mode == "uniform":
+                        logits = np.zeros((1, 1, t, t))
+                    else:
+                        qh = _heads(q[:, sl], b, t, h)
+                        kh = qh if k is q else _heads(k[:, sl], b, t, h)
+                        logits = np.matmul(qh, np.swapaxes(kh, -1, -2)) * scale
+                    if self.attention == "identity":
+                        a = np.where(np.isfinite(offsets), logits + np.where(np.isfinite(offsets), offsets, 0.0), 0.0)
+                        a = np.broadcast_to(a, (b, h, t, t))
+                    else:
+                        a = MX.softmax(logits + offsets)
+                y += self.beta * np.matmul(a, vh)
+            if self.matrix == "shaped" and self.gamma != 0:
+                y -= self.gamma * np.matmul(c, vh)
+            out[:, sl] = _unheads(y, b, t)
+            segs.append((sl, t, vh, a, c, offsets))
+        y, wo = (out, None) if self.projection == "identity" else linear(out, w, self.out_var)
+        if not tape:
+            return y, None
+        # query-gradient norms in the engine's convention (montecarlo.backward docstring)
+        bctx = ctx.bctx
+        want_q = bctx is not None and not self.weight_free and self.spa == "none" and ctx.scores is None
+        keys = None
+        if want_q and uses_a:
+            keys = k if mode != "uniform" else S.project(bctx, x, h * dk, self.qk_var)   # virtual keys at W_Q = 0
+        data = dict(x=x, v=v, out=out, wv=wv, wo=wo, wq=wq, wk=wk, q=q, k=k, mode=mode, scale=scale, dk=dk,
+                    segs=segs, want_q=want_q, keys=keys, path=ctx.path, d=ctx.width)
+
+        def pull(g, grads):
+            return self._pullback(data, g, grads)
+        pull.data = data          # type: ignore[attr-defined]  # the tape, for inspection
+        return y, pull
+
+    def _fixed_matrices(self, ctx, t, mode):
+        """Bias-plus-mask offsets (H, t, t) and the fixed matrix C (zero-score softmax, or SPA), cached."""
+        key = ("offsets", id(self.bias) if isinstance(self.bias, np.ndarray) else self.bias,
+               self.alibi_scale, self.causal, self.heads, t)
+        offsets = ctx.cache.get(key)
+        if offsets is None:
+            offsets = ctx.cache[key] = MX.logit_offsets(self, t, ctx.where)
+        c = None
+        if self.spa != "none":
+            skey = ("spa", self.spa, self.spa_step, self.spa_layers, self.spa_final, self.causal, t)
+            c = ctx.cache.get(skey)
+            if c is None:
+                c = ctx.cache[skey] = MX.spa_realised(self, t)                 # (t, t), the same for every head
+        elif self.attention == "softmax" and (mode == "uniform" or self.matrix == "shaped"):
+            ckey = ("zero-score",) + key[1:]
+            c = ctx.cache.get(ckey)
+            if c is None:
+                c = ctx.cache[ckey] = MX.softmax(offsets.copy())              # (H, t, t), seed-independent
+        return offsets, c
+
+    def _pullback(self, D, g, grads):
+        """``G_X`` from ``G_Y``: values ``G_V = M_hᵀ G_O``, scores through the softmax Jacobian
+        ``dS_i = (diag a_i − a_i a_iᵀ) dA_i`` (identity attention: ``dS = dA`` on the unmasked entries),
+        queries/keys, output projection; appends the weight-gradient norms ``‖∂L/∂W‖²/d``."""
+        from ...montecarlo.sampler import gram_dot
+        b, n, w = g.shape
+        h = self.heads
+        mode, scale, path, d = D["mode"], D["scale"], D["path"], D["d"]
+        if D["wo"] is not None:
+            grads.append((path, "output", gram_dot(D["out"], g) / d))
+            g = np.matmul(g, np.swapaxes(D["wo"], -1, -2))
+        gv = np.empty_like(g)
+        score_path = mode != "uniform" and D["q"] is not None
+        gq = np.zeros_like(D["q"]) if score_path else None
+        gk = np.zeros_like(D["k"]) if score_path and D["k"] is not D["q"] else None
+        qrows = np.zeros((b, h, n, D["dk"])) if D["keys"] is not None else None   # dS_h K_h, block-diagonal dS
+        for sl, t, vh, a, c, offsets in D["segs"]:
+            go = _heads(g[:, sl], b, t, h)
+            gvh = np.zeros(go.shape) if self.matrix == "softmax" else self.alpha * go
+            if a is not None:
+                gvh += self.beta * np.matmul(np.swapaxes(a, -1, -2), go)
+            if self.matrix == "shaped" and self.gamma != 0:
+                gvh -= self.gamma * np.matmul(np.swapaxes(c, -1, -2), go)
+            gv[:, sl] = _unheads(gvh, b, t)
+            if a is None or not (score_path or qrows is not None):
+                continue
+            da = self.beta * np.matmul(go, np.swapaxes(vh, -1, -2))           # ∂L/∂A_h
+            if self.attention == "identity":
+                ds = da * np.isfinite(offsets)
+            else:
+                ds = a * (da - np.sum(a * da, axis=-1, keepdims=True))         # softmax Jacobian, row by row
+            if score_path:
+                qh = _heads(D["q"][:, sl], b, t, h)
+                if gk is None:                                                 # tied: S = Q Qᵀ/d_k
+                    gq[:, sl] = _unheads(np.matmul((ds + np.swapaxes(ds, -1, -2)) * scale, qh), b, t)
+                else:
+                    kh = _heads(D["k"][:, sl], b, t, h)
+                    gq[:, sl] = _unheads(np.matmul(ds * scale, kh), b, t)
+                    gk[:, sl] = _unheads(np.matmul(np.swapaxes(ds, -1, -2) * scale, qh), b, t)
+            if qrows is not None:
+                qrows[:, :, sl] = np.matmul(ds, _heads(D["keys"][:, sl], b, t, h))
+        if qrows is not None:
+            rr = np.einsum("bhik,bhjk->bij", qrows, qrows)                      # Σ_h (dS K)(dS K)ᵀ
+            xx = np.matmul(D["x"], np.swapaxes(D["x"], -1, -2))
+            grads.append((path, "queries", np.einsum("bij,bij->b", xx, rr) / (D["dk"] * d)))
+        elif D["want_q"]:
+            grads.append((path, "queries", np.zeros(b)))                   # β = 0: no path through A
+        if D["wv"] is not None:
+            grads.append((path, "values", gram_dot(D["x"], gv) / d))
+            gx = np.matmul(gv, np.swapaxes(D["wv"], -1, -2))
+        else:
+            gx = gv
+        if gq is not None:
+            gx = gx + np.matmul(gq, np.swapaxes(D["wq"], -1, -2))
+        if gk is not None:
+            gx = gx + np.matmul(gk, np.swapaxes(D["wk"], -1, -2))
+        return gx
+
+    def plan(self, width, where, plan):
+        h = self.heads
+        if width % h:
+            raise SpecError(f"{where}.heads", h, f"must divide the width entering the layer ({width}); "
+                            f"choose --width as a multiple of {h}")
+        mode = self.score_mode(plan.scores)
+        if self.spa != "none" and self.matrix == "shaped":
+            raise SpecError(f"{where}.matrix", "shaped", "cannot be combined with spa")
+        init = plan.init or "gaussian"
+        if self.values == "dense":
+            plan.add_weight(width, width, init)
+        if self.projection == "dense":
+            plan.add_weight(width, width, init)
+        segments = plan.segments
+        if self.beta != 0 and mode != "uniform":
+            dk = self.key_dim(width)
+            plan.add_weight(width, h * dk, init)
+            if mode != "tied":
+                plan.add_weight(width, h * dk, init)
+            plan.flops += sum(t * t * dk * h for t in segments)
+        plan.flops += 2 * sum(t * t * (width // h) * h for t in segments)
+        t_max = max(segments)
+        plan.max_scores = max(plan.max_scores, h * t_max * t_max)
+        for t in set(segments):
+            MX.logit_offsets(self, t, where)
+            if self.spa != "none":
+                MX.spa_realised(self, t)          # its spec errors (negative entries, steps) up front
+        return width
+
+    # ------------------------------------------------------------------------------------------
+    # symbolic
+
+    def symbolic_map(self, s, ctx):
+        """``Σ' = σ_v²σ_o² (1/H) Σ_h A_h Σ A_hᵀ``; weight-free (identity values and projection): ``m' = A m``."""
+        from ...symbolic.maps import ZERO as SZERO, Dep, total
+        if self.scores == "standard":
+            raise NotSupportedError(f"{ctx.where}: standard 1/sqrt(d_k) scores stay random at infinite width; "
+                                    "their kernel E[A Σ Aᵀ] has no closed form (the numeric engine estimates it)")
+        if self.spa != "none":
+            raise NotSupportedError(f"{ctx.where}: SPA matrices come from Cholesky factors of the target kernels "
+                                    "(methods.spa); they have no symbolic map")
+        heads = self._symbolic_mixings(s, ctx)
+        sigma = total(w * (m @ s.sigma @ m.t) for w, m in heads)
+        if self.weight_free:
+            mean = total(m @ s.mean * w for w, m in heads)
+            dep = s.dep
+            if dep is not None and dep.kind == "matrix":
+                if dep.headwise and len(heads) > 1:
+                    raise NotSupportedError(f"{ctx.where}: two multi-head weight-free mixings with different head "
+                                            "matrices in one residual branch; give the heads identical biases")
+                p = total(w * (m @ dep.p) for w, m in heads)
+                dep = Dep("matrix", p, headwise=dep.headwise or len(heads) > 1)
+            return s.replace(sigma=sigma, mean=mean, dep=dep)
+        scale = (ctx.value(self, "value_var") if self.values == "dense" else 1) * \
+                (ctx.value(self, "out_var") if self.projection == "dense" else 1)
+        return s.replace(sigma=sigma * scale, mean=ctx.fam.vector(0), gaussian=True,
+                         dep=None if s.dep is None else SZERO)
+
+    def _symbolic_mixings(self, s, ctx):
+        """``[(weight, M_h)]``: the zero-score, tied or identity matrix, then Value-SkipInit / shaped."""
+        fam = ctx.fam
+        out = []
+        for weight, bias in fam.heads(self, ctx.value(self, "alibi_scale")):
+            if self.attention == "identity":
+                qk = ctx.value(self, "qk_var") if self.scores == "tied" else 0
+                out.append((weight, fam.linear(self, s.sigma, ctx.where, bias, qk)))
+                continue
+            c = fam.zero_score(self, ctx.where, bias) if self.scores == "uniform" or self.matrix == "shaped" else None
+            if self.scores == "uniform":
+                a = c
+            else:  # tied 1/d scores σ_qk² Σ (Hron et al. 2020)
+                a = fam.tied(self, s.sigma, ctx.where, bias, ctx.value(self, "qk_var"))
+            if self.matrix in ("value_skipinit", "shaped"):  # αI + βA (− γC)
+                m = fam.eye() * ctx.value(self, "alpha") + a * ctx.value(self, "beta")
+                if self.matrix == "shaped":
+                    m = m - c * ctx.value(self, "gamma")
+                a = m
+            out.append((weight, a))
+        return out
+
+
+def _heads(a, b, t, h):
+    """(B, t, H·k) → (B, H, t, k)."""
+    return a.reshape(b, t, h, -1).transpose(0, 2, 1, 3)
+
+
+def _unheads(a, b, t):
+    """(B, H, t, k) → (B, t, H·k)."""
+    return a.transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+
+def _softmax_part(m):
+    """The softmax matrix inside a mixing and the weight of its Jacobian: (dense A, weight)."""
+    if isinstance(m, MX.Combination):
+        return (m.a.dense(), m.beta ** 2) if m.beta else (None, 0.0)
+    return m.dense(), 1.0
+
+
+def score_terms(heads, sigma, pi, with_pi: bool):
+    """Head-averaged terms through the softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ`` (full N×N: a batch's
+    query gradient sums over every token pair, cross-sequence ones included), with ``W = Π ⊙ Σ``:
+
+    * ``q = (1/H) Σ_h Σ_ik W_ik T_ik``, ``T_ik = tr(J_i Σ J_k Σ)`` — the query-gradient norm per unit key
+      variance;
+    * if ``with_pi``, ``(1/H) Σ_h [Π ⊙ T + Σ_ik W_ik J_i Σ J_k]`` — the gradient kernel that 1/sqrt(d_k)
+      scores send back through queries and keys (O(1/d) for zero or tied 1/d scores). O(N³) per head.
+    """
+    total, extra = 0.0, (np.zeros_like(pi) if with_pi else None)
+    for w, m in heads:
+        a, weight = _softmax_part(m)
+        if a is None:
+            continue
+        ws = a @ sigma
+        asa = ws @ a.T
+        t = a @ (sigma * sigma) @ a.T
+        t2 = (ws * ws) @ a.T
+        t = t - t2 - t2.T + asa * asa
+        wpi = pi * sigma
+        total += w * weight * float(np.sum(wpi * t))
+        if with_pi:
+            u = ((a.T @ wpi) * ws.T) @ a
+            k2 = sigma * (a.T @ wpi @ a) - u - u.T + a.T @ (wpi * asa) @ a
+            extra += (w * weight) * (pi * t + k2)
+    return total, extra
+
+
+def _identity_score_term(heads, sigma, pi, segments, causal):
+    """The query-gradient norm per unit key variance for identity attention (``J_i`` = the identity on
+    the keys query i sees): ``Σ_ik (Π ⊙ Σ)_ik T_ik`` with ``T = M (Σ ⊙ Σ) Mᵀ``, M the 0/1 mask."""
+    n = sigma.shape[0]
+    mask = np.zeros((n, n))
+    for sl in segment_slices(segments):
+        t = sl.stop - sl.start
+        mask[sl, sl] = np.tril(np.ones((t, t))) if causal else 1.0
+    t = mask @ (sigma * sigma) @ mask.T
+    return float(np.sum(pi * sigma * t))

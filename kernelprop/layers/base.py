@@ -1,0 +1,225 @@
+"""The layer protocol: a layer's description and every interpretation of it, in one class.
+
+A layer type is a frozen dataclass whose fields describe it (numbers or depth expressions such as
+``"1/sqrt(L)"``, checked on construction) and whose methods are its rules, one per interpreter:
+
+=====================  ===========================================================================
+``kernel_map``         infinite-width forward map on the engine state ``(Σ, m, …)``; returns the new
+                       state and the layer's **backward rule**, a closure ``back(Π, grads) -> Π_x``
+                       over what the forward computed (the backward pass never re-runs it)
+``sample``             finite-width forward on features ``X`` (B, N, w) with random weights; when
+                       ``ctx.tape`` it also returns the exact transpose ``pull(G, grads) -> G_X``
+``symbolic_map``       the same map in sympy (:mod:`kernelprop.symbolic`)
+``plan``               the Monte Carlo's shape and memory check (returns the output width)
+``kernel_fields``      the numeric fields the wide-limit map reads (symbolic namespace, sweeps)
+=====================  ===========================================================================
+
+A rule a layer does not have is *refused by name*: the default methods raise
+:class:`~kernelprop.errors.NotSupportedError` ("layer `foo` has no symbolic map: …"), with the reason
+from the class's ``refusals`` table when it gives one. :func:`register_layer` makes a user-defined
+type known to the spec loader (``type = "foo"`` in TOML) and to every interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import field
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Union
+
+import numpy as np
+
+from ..errors import NotSupportedError, SpecError
+from ..network import expressions
+
+Number = Union[float, int]
+Param = Union[float, int, expressions.Expr, str]   # a number, or a depth expression (parsed on construction)
+
+# constraints a numeric field can carry in its metadata
+_CHECKS = {
+    "nonneg": (lambda v: v >= 0, "must be a finite number >= 0"),
+    "positive": (lambda v: v > 0, "must be a finite number > 0"),
+    "real": (lambda v: True, "must be a finite real number"),
+    "prob": (lambda v: 0 <= v < 1, "must be a probability in [0, 1)"),
+}
+
+# the rules, by method name, with the words used when one is missing
+RULES = {
+    "kernel_map": "kernel map",
+    "kernel_backward": "backward rule",
+    "sample": "finite-width rule",
+    "sample_backward": "finite-width backward rule",
+    "symbolic_map": "symbolic map",
+}
+
+
+def num(default, check="real", doc="", *, kernel=True):
+    """A numeric (possibly depth-dependent) dataclass field with a validity check.
+
+    ``kernel=False`` marks a field the wide-limit maps never read (e.g. a Monte Carlo width).
+    """
+    return field(default=default, metadata={"numeric": check, "doc": doc, "kernel": kernel})
+
+
+def choice(default, options, doc=""):
+    """A field whose value must be one of ``options``."""
+    return field(default=default, metadata={"choice": tuple(options), "doc": doc})
+
+
+def check_number(where: str, v, check: str) -> None:
+    """Raise a :class:`SpecError` unless ``v`` is a finite number passing ``check``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise SpecError(where, v, "must be a number or an expression string such as \"1/sqrt(L)\"")
+    ok, allowed = _CHECKS[check]
+    if not math.isfinite(v) or not ok(v):
+        raise SpecError(where, v, allowed)
+
+
+def number_field(where: str, v) -> float | expressions.Expr:
+    """A real number or a parsed expression (for composite layers' weights)."""
+    if isinstance(v, str):
+        return expressions.parse(v, where, known=None)
+    if isinstance(v, expressions.Expr):
+        return v
+    check_number(where, v, "real")
+    return float(v)
+
+
+def refused(layer: "Layer", rule: str, interpreter: str = "") -> NotSupportedError:
+    """The error for a rule ``layer`` does not have, with its reason if the class gives one."""
+    what = RULES.get(rule, rule)
+    reason = type(layer).refusals.get(rule) or (
+        f"{type(layer).__name__} defines no `{rule}` (see docs/layers.md for how to add one)")
+    where = f"{interpreter}: " if interpreter else ""
+    return NotSupportedError(f"{where}layer `{layer.kind}` has no {what}: {reason}")
+
+
+class Layer:
+    """Base of all layer descriptions; subclasses are frozen dataclasses (see the module docstring)."""
+
+    kind: ClassVar[str] = "layer"
+    refusals: ClassVar[Mapping[str, str]] = {}    # rule -> why the layer has none
+
+    # ------------------------------------------------------------------------------------------
+    # description
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            where = f"{self.kind}.{f.name}"
+            if "numeric" in f.metadata:
+                if isinstance(v, str):
+                    object.__setattr__(self, f.name, expressions.parse(v, where, known=None))
+                elif v is not None and not isinstance(v, expressions.Expr):
+                    check_number(where, v, f.metadata["numeric"])
+            elif "choice" in f.metadata and v not in f.metadata["choice"]:
+                raise SpecError(where, v, f"must be one of {list(f.metadata['choice'])}")
+
+    def resolve(self, env: Mapping[str, float]) -> "Layer":
+        """A copy with every expression evaluated in ``env`` (keys L, l and params) and checked."""
+        changes = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, expressions.Expr):
+                x = v(env)
+                check_number(f"{self.kind}.{f.name} = {v.text!r}", x, f.metadata["numeric"])
+                changes[f.name] = x
+        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]
+
+    def expressions(self) -> Iterator[tuple[str, expressions.Expr]]:
+        """All expressions held by this layer and its children, with their field paths."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, expressions.Expr):
+                yield f"{self.kind}.{f.name}", v
+
+    def children(self) -> tuple:
+        return ()
+
+    def numeric_fields(self) -> Iterator[tuple[str, Any, str]]:
+        """``(name, value, check)`` of every numeric field of this layer (not its children)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if "numeric" in f.metadata:
+                yield f.name, getattr(self, f.name), f.metadata["numeric"]
+
+    def field_value(self, name: str):
+        """The value of a field by name; ``"params.k"`` and ``"betas[i]"`` reach into those containers."""
+        if name.startswith("params."):
+            return self.params[name[7:]]  # type: ignore[attr-defined]
+        if name.startswith("betas["):
+            return self.betas[int(name[6:-1])]  # type: ignore[attr-defined]
+        return getattr(self, name)
+
+    def kernel_fields(self) -> tuple[str, ...]:
+        """Names of the numeric fields the wide-limit maps read (inactive and Monte Carlo-only
+        fields left out): the symbolic engine makes symbols of these, a sweep watches them."""
+        return tuple(f.name for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                     if "numeric" in f.metadata and f.metadata.get("kernel", True))
+
+    # ------------------------------------------------------------------------------------------
+    # rules: the defaults refuse by name
+
+    def kernel_map(self, s, ctx):
+        """Infinite-width forward: ``(state_out, back)`` with ``back(Π_out, grads) -> Π_in``."""
+        raise refused(self, "kernel_map")
+
+    def sample(self, x: np.ndarray, ctx) -> tuple[np.ndarray, Callable | None]:
+        """Finite-width forward: ``(X_out, pull)``; ``pull(G_out, grads) -> G_in`` when ``ctx.tape``."""
+        raise refused(self, "sample")
+
+    def symbolic_map(self, s, ctx):
+        """The kernel map in sympy."""
+        raise refused(self, "symbolic_map")
+
+    def plan(self, width: int, where: str, plan) -> int:
+        """Check the Monte Carlo shapes, count weights and work into ``plan``; return the output width."""
+        return width
+
+    def no_backward(self) -> Callable:
+        """A backward rule that refuses (for a layer with a forward map but no backward rule)."""
+        def back(*_):
+            raise refused(self, "kernel_backward")
+        return back
+
+    def no_pullback(self) -> Callable:
+        """A finite-width backward rule that refuses."""
+        def pull(*_):
+            raise refused(self, "sample_backward")
+        return pull
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+
+LAYERS: dict[str, type] = {}
+
+
+def register_layer(cls: type | None = None, *, kind: str | None = None, replace: bool = False):
+    """Register a layer type (a :class:`Layer` subclass) under ``kind`` (default ``cls.kind``).
+
+    Use as ``@register_layer`` on the class. The spec loader then accepts ``type = "<kind>"`` tables
+    whose keys are the dataclass fields, and ``propagate``, ``backpropagate``, ``simulate``, ``check``
+    and the symbolic engine call the class's rules. ``replace=True`` allows re-registering a kind.
+    """
+    def wrap(c):
+        if not (isinstance(c, type) and issubclass(c, Layer)):
+            raise SpecError("register_layer", c, "must be a subclass of kernelprop.layers.Layer")
+        name = kind or c.__dict__.get("kind")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SpecError(f"{getattr(c, '__name__', c)}.kind", name,
+                            "must be set on the class to an identifier such as \"my_scale\"")
+        if name in LAYERS and LAYERS[name] is not c and not replace:
+            raise SpecError("register_layer", name, f"is already registered by {LAYERS[name].__name__}; "
+                            "choose another kind or pass replace=True")
+        if not dataclasses.is_dataclass(c) and not getattr(c, "composite", False):
+            raise SpecError("register_layer", c.__name__, "must be a dataclass (decorate it with "
+                            "@dataclass(frozen=True, eq=False) below @register_layer)")
+        c.kind = name
+        LAYERS[name] = c
+        return c
+    return wrap(cls) if cls is not None else wrap
+
+
+def unregister_layer(kind: str) -> None:
+    """Forget a registered layer type (for tests and interactive sessions)."""
+    LAYERS.pop(kind, None)
