@@ -238,7 +238,7 @@ def moments(
         from rich.table import Table
         from kernelprop import report
         from kernelprop.kernel.backward import backpropagate
-        from kernelprop.moments import moment_view
+        from kernelprop.methods.moments import moment_view
         s = _load(spec, preset, depth, set_)
         _check_output(output, (".csv",), "moments")
         g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, progress=cb), s.network.depth)

@@ -6,7 +6,7 @@ import pytest
 from kernelprop import inputs as I
 from kernelprop.kernel.backward import backpropagate
 from kernelprop.methods import presets
-from kernelprop.moments import forward_moments
+from kernelprop.methods.moments import forward_moments
 
 
 def test_moment_view_of_an_equicorrelated_kernel():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .inputs import segment_slices
+from ..inputs import segment_slices
 
 
 def _offdiag_mean(a, segments):
