@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..sweep.files import DEPTH_LABEL  # noqa: F401  (the depth axis of sweeps: one label for both)
+
 MEASURE_LABELS = {
     "q_mean": r"mean squared token norm $\Sigma_{ii}$",
     "q_min": r"smallest squared norm $\min_i \Sigma_{ii}$",
@@ -23,9 +25,7 @@ SHORT_LABELS = {
     "rank_one_distance": "distance to rank one", "stable_rank": "stable rank", "effective_rank": "effective rank",
     "eig_ratio": r"$\lambda_{\min}/\lambda_{\max}$",
 }
-DEPTH_NAMES = ("L", "depth")
 BLOCK_LABEL = "block $l$ (depth)"
-DEPTH_LABEL = "depth $L$ (blocks)"
 
 
 def measure_label(name: str, short: bool = False) -> str:
@@ -36,9 +36,3 @@ def measure_label(name: str, short: bool = False) -> str:
         return "standard error of " + measure_label(name[:-3], short=True)
     return MEASURE_LABELS.get(name, name.replace("_", " "))
 
-
-def param_label(name: str, where: str | None = None) -> str:
-    """Label of a swept parameter: depth, or the param name and where the network uses it."""
-    if name in DEPTH_NAMES:
-        return DEPTH_LABEL
-    return f"{name}  ({where})" if where else name

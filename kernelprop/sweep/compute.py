@@ -1,40 +1,9 @@
-"""Sweeps: a measure of the output kernel over a grid of one or two parameters.
-
-An axis is a param of the network's ``params`` table (``beta``, ``a``, ``eps``, …) or the depth
-(``L`` or ``depth``). Each grid point is the network at those values; its value is a scalar measure
-(:data:`kernelprop.measures.SCALAR_MEASURES`) of the kernel after block ``L`` (``at="block"``) or of
-the network's output after its ``final`` layers (``at="output"``).
-
-**What is shared and what is rerun.** The engine propagates one kernel per run (its maps are not
-batched over parameters), so the sweep saves work only where runs are provably identical:
-
-* *Depth axis, shared*: when no expression of the stem or blocks uses ``L`` (and, for a builder,
-  the network it builds does not change with depth), block ``l`` of a depth-``d`` network is block
-  ``l`` of the deepest one, so a single run at the largest depth, recorded every ``gcd(depths)``
-  blocks, gives every depth. Fields the engine ignores are not counted (Monte Carlo-only fields,
-  SPA schedule fields of attention without SPA). Sampled attention scores (``scores="standard"``)
-  are seeded by block index alone, so the shared run draws what each shorter run would.
-* *Depth axis, rerun*: expressions in ``L`` (``beta = "1/sqrt(L)"``, SPA schedules) or builders that
-  build depth into the network (TAT slopes, LayerScale's default eps) change every block with the
-  depth, so each depth is its own run. So does ``at="output"`` with ``final`` layers (the head acts
-  on each depth's kernel; applying it to stored kernels is not done).
-* *Params*: each value of a param that some expression uses is its own run; values of a param no
-  expression uses give the same network and are computed once (networks are compared by their
-  description).
-* Each run records only the blocks it reads (``every``), keeps no kernels and skips eigenvalues
-  unless a spectral measure is asked for.
-
-A grid point whose run fails numerically (variance explodes or vanishes) is ``NaN`` and listed in
-``failures``; in a shared depth run, the depths before the failing block are still read (from a
-second run stopping there). The sweep raises only when every point fails.
-"""
+"""The sweep itself (:func:`sweep`) and what a network's expressions depend on (which runs can be
+shared); see :mod:`kernelprop.sweep` for what is shared and what is rerun."""
 
 from __future__ import annotations
 
-import dataclasses
-import io as _io
 import itertools
-import json
 import math
 import re
 import sys
@@ -44,133 +13,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import measures as M
-from .errors import NumericalError, SpecError
-from .inputs import Inputs
-from .network import expressions
-from .network.layers import Network, walk
+from .. import measures as M
+from ..errors import NumericalError, SpecError
+from ..inputs import Inputs
+from ..network import expressions
+from ..network.layers import Network, walk
+from .files import DEPTH_NAMES, Axis, SweepResult, _infer_spacing, axis_label
 
-DEPTH_NAMES = ("L", "depth")
-RESULT_FORMATS = (".csv", ".json", ".npz")
 AT = ("block", "output")
 _PATH = re.compile(r"/(\d+):")
-
-
-@dataclass(frozen=True, eq=False)
-class Axis:
-    """One swept parameter: its ``name`` (a param, or ``L``/``depth``), ``values``, ``spacing``
-    (``"linear"``, ``"log"`` or ``"list"``) and an axis ``label`` saying where the network uses it."""
-
-    name: str
-    values: np.ndarray
-    spacing: str = "linear"
-    label: str = ""
-
-    @property
-    def is_depth(self) -> bool:
-        return self.name in DEPTH_NAMES
-
-    def to_dict(self) -> dict:
-        vals = [int(v) if self.is_depth else float(v) for v in self.values]
-        return {"name": self.name, "values": vals, "spacing": self.spacing, "label": self.label}
-
-
-@dataclass(frozen=True, eq=False)
-class SweepResult:
-    """Result of :func:`sweep`: ``values[measure]`` is an array of shape ``shape`` (one entry per axis).
-
-    ``runs`` counts the propagations done, ``plan`` says what was shared and what rerun,
-    ``failures`` lists the points that failed numerically (their values are NaN).
-    """
-
-    axes: tuple
-    values: dict
-    at: str
-    runs: int
-    plan: list
-    failures: list = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-
-    def __getitem__(self, measure: str) -> np.ndarray:
-        return self.values[measure]
-
-    @property
-    def names(self) -> list:
-        return [a.name for a in self.axes]
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(len(a.values) for a in self.axes)
-
-    @property
-    def measures(self) -> list:
-        return list(self.values)
-
-    def axis(self, name: str) -> Axis:
-        for a in self.axes:
-            if a.name == name:
-                return a
-        raise SpecError("axis", name, f"must be one of {self.names}")
-
-    def rows(self):
-        """Tidy rows ``(*axis values, measure, value)``, measures outer, grid points in C order."""
-        for m, grid in self.values.items():
-            for idx in itertools.product(*(range(n) for n in self.shape)):
-                yield (*(_axis_value(a, i) for a, i in zip(self.axes, idx)), m, float(grid[idx]))
-
-    def to_dict(self) -> dict:
-        """JSON-ready metadata, axes and tidy rows (non-finite values as ``null``)."""
-        head = self._meta()
-        rows = [{**dict(zip(self.names, r[:-2])), "measure": r[-2], "value": _finite(r[-1])} for r in self.rows()]
-        return {**head, "rows": rows}
-
-    def _meta(self) -> dict:
-        from .io.results import versions
-        return {"kind": "kernelprop sweep", "versions": versions(), **self.meta, "at": self.at,
-                "axes": [a.to_dict() for a in self.axes], "measures": self.measures, "runs": self.runs,
-                "plan": list(self.plan), "failures": list(self.failures)}
-
-    def write(self, path) -> Path:
-        """Write as ``.csv`` (tidy: one column per axis, ``measure``, ``value``), ``.json`` (metadata
-        + the same rows) or ``.npz`` (``axis_names``, ``axis_<name>``, ``values_<measure>`` grids,
-        ``meta`` JSON); atomically, so a failure leaves no file."""
-        from .io.results import atomic_write, _default
-        path = Path(path)
-        suffix = check_format(path)
-        if suffix == ".csv":
-            buf = _io.StringIO()
-            buf.write(",".join([*self.names, "measure", "value"]) + "\n")
-            for r in self.rows():
-                buf.write(",".join([*(repr(v) for v in r[:-2]), r[-2], repr(r[-1])]) + "\n")
-            payload = buf.getvalue().encode()
-        elif suffix == ".json":
-            payload = json.dumps(self.to_dict(), indent=1, default=_default).encode()
-        else:
-            buf = _io.BytesIO()
-            arrays = {"axis_names": np.array(self.names), "meta": np.array(json.dumps(self._meta(), default=_default))}
-            arrays.update({f"axis_{a.name}": np.asarray(a.values) for a in self.axes})
-            arrays.update({f"values_{m}": g for m, g in self.values.items()})
-            np.savez_compressed(buf, **arrays)
-            payload = buf.getvalue()
-        atomic_write(path, payload)
-        return path
-
-
-def _axis_value(axis, i):
-    v = axis.values[i]
-    return int(v) if axis.is_depth else float(v)
-
-
-def _finite(v):
-    return v if math.isfinite(v) else None
-
-
-def check_format(path, field: str = "output") -> str:
-    """The result format of ``path`` (.csv, .json, .npz); :class:`SpecError` naming ``field`` otherwise."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in RESULT_FORMATS:
-        raise SpecError(field, str(path), f"extension must be one of {list(RESULT_FORMATS)}")
-    return suffix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +187,7 @@ def _rerun_reason(make, point, deepest, depths, at) -> str | None:
 
 def _execute(job: _Job, inputs, measures, grid, spectral, failures) -> int:
     """Run ``job`` and fill its grid points; returns the number of propagations done."""
-    from .kernel.propagate import propagate
+    from ..kernel.propagate import propagate
     depths = sorted({d for _, d, _ in job.reads})
     every = math.gcd(*depths)
     net = job.network
@@ -422,7 +273,7 @@ class _BuilderModel:
 
 
 def _model(model, inputs, depth):
-    from .network.spec import Spec, load
+    from ..network.spec import Spec, load
     meta = {}
     if isinstance(model, (str, Path)):
         model = load(_spec_file(model), depth=depth)
@@ -452,7 +303,7 @@ def _spec_file(spec) -> Path:
     p = Path(spec)
     if p.exists():
         return p
-    bundled = Path(__file__).parent / "examples" / f"{str(spec).removesuffix('.toml')}.toml"
+    bundled = Path(__file__).parents[1] / "examples" / f"{str(spec).removesuffix('.toml')}.toml"
     if bundled.exists():
         return bundled
     names = sorted(f.stem for f in bundled.parent.glob("*.toml"))
@@ -504,21 +355,10 @@ def _axes(params, net0, make, spacing) -> list:
         if sp not in ("linear", "log", "list"):
             raise SpecError(f"spacing.{name}", sp, 'must be "linear", "log" or "list"')
         uses = param_uses(net0, name) if name not in DEPTH_NAMES else []
-        from .plotting.labels import param_label
-        axes.append(Axis(name, vals, sp, param_label(name, "; ".join(uses[:2]) or None)))
+        axes.append(Axis(name, vals, sp, axis_label(name, "; ".join(uses[:2]) or None)))
     return axes
 
 
-def _infer_spacing(vals) -> str:
-    if len(vals) < 3:
-        return "linear"
-    v = np.sort(np.asarray(vals, dtype=float))
-    lin = np.diff(v)
-    if np.all(v > 0):
-        lg = np.diff(np.log(v))
-        if np.std(lg) / max(np.mean(lg), 1e-300) < np.std(lin) / max(np.mean(lin), 1e-300) * 0.5:
-            return "log"
-    return "linear"
 
 
 def parse_param(item: str, log: bool = False) -> tuple[str, np.ndarray, str]:
@@ -571,103 +411,3 @@ def parse_param(item: str, log: bool = False) -> tuple[str, np.ndarray, str]:
     elif len(np.unique(values)) != len(values):
         raise SpecError("--param", item, "values must be distinct")
     return name, values, spacing
-
-
-# ----------------------------------------------------------------------------------------------
-# reading a sweep back
-
-
-def load(path) -> SweepResult:
-    """Read a sweep written by :meth:`SweepResult.write` (.csv, .json or .npz)."""
-    path = Path(path)
-    suffix = check_format(path)
-    try:
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                if "axis_names" not in z.files:
-                    raise SpecError("result", str(path), "is not a sweep (.npz without axis_names)")
-                meta = json.loads(str(z["meta"]))
-                names = [str(n) for n in z["axis_names"]]
-                info = {a["name"]: a for a in meta.get("axes", [])}
-                axes = tuple(Axis(n, z[f"axis_{n}"], info.get(n, {}).get("spacing", "linear"),
-                                  info.get(n, {}).get("label", "")) for n in names)
-                values = {k[len("values_"):]: z[k] for k in z.files if k.startswith("values_")}
-            return _result(axes, values, meta)
-        if suffix == ".json":
-            data = json.loads(path.read_text())
-            if data.get("kind") != "kernelprop sweep":
-                raise SpecError("result", str(path), "is not a sweep (.json without kind = \"kernelprop sweep\")")
-            axes = tuple(Axis(a["name"], np.asarray(a["values"], dtype=int if a["name"] in DEPTH_NAMES else float),
-                              a.get("spacing", "linear"), a.get("label", "")) for a in data["axes"])
-            values = {m: np.full(tuple(len(a.values) for a in axes), np.nan) for m in data["measures"]}
-            pos = [{v: i for i, v in enumerate(a.values.tolist())} for a in axes]
-            for row in data["rows"]:
-                idx = tuple(p[row[a.name]] for p, a in zip(pos, axes))
-                values[row["measure"]][idx] = np.nan if row["value"] is None else row["value"]
-            return _result(axes, values, data)
-        return _load_csv(path)
-    except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, SpecError):
-            raise
-        raise SpecError("result", str(path), f"cannot be read as a sweep ({exc})") from None
-
-
-def _load_csv(path) -> SweepResult:
-    lines = path.read_text().splitlines()
-    if not lines:
-        raise SpecError("result", str(path), "is empty")
-    header = lines[0].split(",")
-    if header[-2:] != ["measure", "value"] or len(header) not in (3, 4) or header[0] == "record":
-        raise SpecError("result", str(path), "is not a sweep (header must be NAME[,NAME2],measure,value)")
-    names = header[:-2]
-    cols = [[] for _ in names]
-    rows = []
-    for line in lines[1:]:
-        *xs, m, v = line.split(",")
-        xs = [float(x) for x in xs]
-        for c, x in zip(cols, xs):
-            if x not in c:
-                c.append(x)
-        rows.append((xs, m, float(v)))
-    axes = tuple(Axis(n, np.asarray(c, dtype=int if n in DEPTH_NAMES else float), _infer_spacing(c),
-                      "") for n, c in zip(names, cols))
-    measures = list(dict.fromkeys(m for _, m, _ in rows))
-    values = {m: np.full(tuple(len(c) for c in cols), np.nan) for m in measures}
-    pos = [{v: i for i, v in enumerate(c)} for c in cols]
-    for xs, m, v in rows:
-        values[m][tuple(p[x] for p, x in zip(pos, xs))] = v
-    return _result(axes, values, {})
-
-
-def _result(axes, values, meta) -> SweepResult:
-    from .plotting.labels import param_label
-    axes = tuple(a if a.label else dataclasses.replace(a, label=param_label(a.name)) for a in axes)
-    keep = {k: v for k, v in meta.items() if k in ("spec", "input", "depth", "params", "versions")}
-    return SweepResult(axes=axes, values=values, at=meta.get("at", "block"), runs=meta.get("runs", 0),
-                       plan=meta.get("plan", []), failures=meta.get("failures", []), meta=keep)
-
-
-def summary_table(result: SweepResult, measure: str | None = None, most: int = 8):
-    """A rich table of one measure: rows = first axis, columns = second axis (at most ``most`` each)."""
-    from rich.table import Table
-    from .report import pick_rows
-    measure = measure or result.measures[0]
-    grid = result.values[measure]
-    a = result.axes[0]
-    fmt = (lambda ax, v: str(int(v)) if ax.is_depth else f"{v:.3g}")
-    table = Table(title=f"{measure} ({'after block L' if result.at == 'block' else 'network output'})",
-                  header_style="bold")
-    if len(result.axes) == 1:
-        table.add_column(a.name)
-        table.add_column(measure, justify="right")
-        for i in pick_rows(len(a.values), most):
-            table.add_row(fmt(a, a.values[i]), f"{grid[i]:.5g}")
-        return table
-    b = result.axes[1]
-    cols = pick_rows(len(b.values), most)
-    table.add_column(f"{a.name} \\ {b.name}")
-    for j in cols:
-        table.add_column(fmt(b, b.values[j]), justify="right")
-    for i in pick_rows(len(a.values), most):
-        table.add_row(fmt(a, a.values[i]), *(f"{grid[i, j]:.3g}" for j in cols))
-    return table
