@@ -64,12 +64,20 @@ def tidy_rows(traj):
                     yield r, label, l, name, pos, repr(float(x))
 
 
+def check_format(path, formats=FORMATS, writer: str | None = None) -> str:
+    """The extension of ``path`` if it is one of ``formats``; :class:`SpecError` naming ``output``
+    otherwise (saying what ``writer`` writes, if given)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in formats:
+        raise SpecError("output", str(path), f"{writer} writes {' or '.join(formats)}" if writer else
+                        f"extension must be one of {list(formats)}")
+    return suffix
+
+
 def write(traj, path, spec_raw=None, extra=None) -> Path:
     """Write ``traj`` to ``path``; the format follows the extension (.json, .csv, .npz)."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise SpecError("output", str(path), f"extension must be one of {list(FORMATS)}")
+    suffix = check_format(path)
     if suffix == ".json":
         payload = json.dumps(to_dict(traj, spec_raw, extra), indent=1, default=_default).encode()
     elif suffix == ".csv":

@@ -47,9 +47,9 @@ def read(path):
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in RESULT_FORMATS:
-        raise SpecError("RESULT", str(path), f"extension must be one of {list(RESULT_FORMATS)}")
+        raise SpecError("path", str(path), f"extension must be one of {list(RESULT_FORMATS)}")
     if not path.is_file():
-        raise SpecError("RESULT", str(path), "does not exist")
+        raise SpecError("path", str(path), "does not exist")
     try:
         if suffix == ".npz":
             return _read_npz(path)
@@ -59,7 +59,7 @@ def read(path):
     except SpecError:
         raise
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise SpecError("RESULT", str(path), f"cannot be read as a kernelprop result ({type(exc).__name__}: {exc})") from None
+        raise SpecError("path", str(path), f"cannot be read as a kernelprop result ({type(exc).__name__}: {exc})") from None
 
 
 def _read_npz(path):
@@ -69,7 +69,7 @@ def _read_npz(path):
             from ..sweep import load
             return "sweep", load(path)
         if "labels" not in files:
-            raise SpecError("RESULT", str(path), "is not a result written by run, simulate or sweep")
+            raise SpecError("path", str(path), "is not a result written by run, simulate or sweep")
         meta = json.loads(str(z["meta"])) if "meta" in files else {}
         measures = {k[len("measure_"):]: z[k] for k in files if k.startswith("measure_")}
         rec = Records(labels=[str(x) for x in z["labels"]], blocks=z["blocks"], measures=measures,
@@ -85,7 +85,7 @@ def _read_json(path):
         from ..sweep import load
         return "sweep", load(path)
     if not isinstance(data, dict) or "records" not in data:
-        raise SpecError("RESULT", str(path), "is not a result written by run, simulate or sweep")
+        raise SpecError("path", str(path), "is not a result written by run, simulate or sweep")
     rows = data["records"]
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("record", "label", "block")))
     measures = {}
@@ -111,7 +111,7 @@ def _read_csv(path):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
-        raise SpecError("RESULT", str(path), "is empty")
+        raise SpecError("path", str(path), "is empty")
     header = rows[0]
     if header == ["record", "label", "block", "measure", "position", "value"]:
         return "run", _run_csv(rows[1:], path)
@@ -125,7 +125,7 @@ def _read_csv(path):
         for j, name in enumerate(header[1:], start=1):
             out[name] = Records(labels, blocks, {"value": np.array([float(r[j]) for r in rows[1:]])}, name)
         return "compare", out
-    raise SpecError("RESULT", str(path), "is not a result written by run, compare or sweep (unknown CSV header)")
+    raise SpecError("path", str(path), "is not a result written by run, compare or sweep (unknown CSV header)")
 
 
 def _run_csv(rows, path):
@@ -165,15 +165,21 @@ def _name(spec, path) -> str:
 def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=None, logx: bool = False,
                logy: bool = False, labels=None, x: str | None = None, position: int | None = None):
     """The figure for one or several result files (several: overlaid measure-vs-depth curves,
-    e.g. a theory run and a simulation). Returns the figure."""
+    e.g. a theory run and a simulation). ``depths``: block indices, or a comma-separated string of them.
+    Returns the figure."""
     from .depth import depth_plot
     from .kernels import kernel_heatmaps, spectrum_plot
     from .phase import phase_diagram
+    if isinstance(depths, str):
+        try:
+            depths = [int(d) for d in depths.split(",")]
+        except ValueError:
+            raise SpecError("depths", depths, "must be comma-separated block indices, e.g. 0,4,32") from None
     if kind not in KINDS:
-        raise SpecError("--kind", kind, f"must be one of {list(KINDS)}")
+        raise SpecError("kind", kind, f"must be one of {list(KINDS)}")
     paths = [Path(p) for p in paths]
     if not paths:
-        raise SpecError("RESULT", None, "give at least one result file")
+        raise SpecError("paths", None, "give at least one result file")
     read_ = [(p, *read(p)) for p in paths]
     kinds = {k for _, k, _ in read_}
     if kind == "auto":
@@ -184,20 +190,20 @@ def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=
         else:
             kind = "depth"
     if kind in ("kernels", "spectrum", "phase") and len(read_) > 1:
-        raise SpecError("RESULT", [str(p) for p in paths], f"--kind {kind} draws one file")
+        raise SpecError("paths", [str(p) for p in paths], f"--kind {kind} draws one file")
     if kind == "phase":
         if read_[0][1] != "sweep":
-            raise SpecError("--kind", kind, f"needs a sweep result; {paths[0]} is a {read_[0][1]} result")
+            raise SpecError("kind", kind, f"needs a sweep result; {paths[0]} is a {read_[0][1]} result")
         return phase_diagram(read_[0][2], measure, x=x, logx=logx or None, logy=logy or None)
     if kind in ("kernels", "spectrum"):
         rec = read_[0][2]
         if read_[0][1] != "run" or rec.kernels is None:
-            raise SpecError("--kind", kind, "needs kernels: write the run as .npz (`kernelprop run SPEC -o x.npz`)")
+            raise SpecError("kind", kind, "needs kernels: write the run as .npz (`kernelprop run SPEC -o x.npz`)")
         src = {"kernels": rec.kernels, "labels": rec.labels, "blocks": rec.blocks,
                "segments": rec.segments or (rec.kernels.shape[-1],)}
         return kernel_heatmaps(src, depths) if kind == "kernels" else spectrum_plot(src, depths)
     if "sweep" in kinds:
-        raise SpecError("--kind", kind, "a sweep is drawn as a phase diagram; plot it on its own")
+        raise SpecError("kind", kind, "a sweep is drawn as a phase diagram; plot it on its own")
     curves = {}
     ylabel = None
     for p, k, data in read_:
@@ -217,12 +223,12 @@ def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=
                     for key, rec in curves.items()}
     if labels:
         if len(labels) != len(curves):
-            raise SpecError("--label", list(labels), f"needs one label per curve ({len(curves)}: {list(curves)})")
+            raise SpecError("labels", list(labels), f"needs one label per curve ({len(curves)}: {list(curves)})")
         curves = dict(zip(labels, curves.values()))
         plot_measure = dict(zip(labels, plot_measure.values()))
     for key, rec in curves.items():
         if plot_measure[key] not in rec.measures:
-            raise SpecError("--measure", m, f"must be one of {sorted(k for k in rec.measures if not k.endswith('_se'))}")
+            raise SpecError("measure", m, f"must be one of {sorted(k for k in rec.measures if not k.endswith('_se'))}")
     # one measure name per call: rename the compare column to the chosen measure
     data = {}
     for key, rec in curves.items():

@@ -273,10 +273,11 @@ class _BuilderModel:
 
 
 def _model(model, inputs, depth):
+    from ..models import example_path
     from ..network.spec import Spec, load
     meta = {}
     if isinstance(model, (str, Path)):
-        model = load(_spec_file(model), depth=depth)
+        model = load(example_path(model), depth=depth)
     if isinstance(model, Spec):
         meta["spec"] = model.raw
         inputs = model.inputs if inputs is None else inputs
@@ -297,17 +298,6 @@ def _model(model, inputs, depth):
     meta["input"] = inputs.description
     meta.setdefault("spec", {"network": repr(net0)})
     return make, net0, inputs, meta
-
-
-def _spec_file(spec) -> Path:
-    p = Path(spec)
-    if p.exists():
-        return p
-    bundled = Path(__file__).parents[1] / "examples" / f"{str(spec).removesuffix('.toml')}.toml"
-    if bundled.exists():
-        return bundled
-    names = sorted(f.stem for f in bundled.parent.glob("*.toml"))
-    raise SpecError("spec", str(spec), f"is neither a file nor a bundled example ({', '.join(names)})")
 
 
 def _measures(measure, inputs) -> list:
