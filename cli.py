@@ -21,7 +21,7 @@ err = Console(stderr=True)
 # the library's argument -> the command-line option or argument that sets it (error messages name the option)
 _FLAGS = {
     "spec": "SPEC", "overrides": "--set", "output": "--output", "figure": "--figure", "measure": "--measure",
-    "output_gradient": "--output-grad", "output_gradient.rho": "--grad-rho", "width": "--width", "seeds": "--seeds",
+    "output_grad": "--output-grad", "output_grad.rho": "--grad-rho", "width": "--width", "seeds": "--seeds",
     "seed": "--seed", "init": "--init", "input_kind": "--inputs", "scores": "--scores", "alpha": "--alpha",
     "symbols": "--symbol", "param": "--param", "at": "--at", "kind": "--kind", "labels": "--label",
     "depths": "--depths", "position": "--position", "x": "--x", "path": "RESULT", "paths": "RESULT",

@@ -178,7 +178,7 @@ def test_parse_param(item, name, values, spacing):
 def test_parse_param_rejects(item):
     with pytest.raises(SpecError) as exc:
         parse_param(item)
-    assert exc.value.field == "--param"
+    assert exc.value.field == "param"
 
 
 def test_shared_depth_run_with_sampled_scores_matches_individual_runs():

@@ -108,12 +108,12 @@ def output_gradient(kind, n: int, rho: float = 0.0) -> np.ndarray:
         if kind == "equicorrelated":
             low = -1.0 / max(n - 1, 1)
             if not (isinstance(rho, (int, float)) and low <= rho <= 1):
-                raise SpecError("output_gradient.rho", rho, f"must lie in [-1/(N-1), 1] = [{low:.3g}, 1] for N = {n}")
+                raise SpecError("output_grad.rho", rho, f"must lie in [-1/(N-1), 1] = [{low:.3g}, 1] for N = {n}")
             return (1 - rho) * np.eye(n) + rho
-        raise SpecError("output_gradient", kind, "must be \"identity\", \"equicorrelated\" or an N×N PSD matrix")
+        raise SpecError("output_grad", kind, "must be \"identity\", \"equicorrelated\" or an N×N PSD matrix")
     pi = np.asarray(kind, dtype=float)
     if pi.shape != (n, n) or not np.allclose(pi, pi.T) or np.linalg.eigvalsh(pi)[0] < -1e-10 * np.abs(pi).max():
-        raise SpecError("output_gradient", f"array of shape {pi.shape}", f"must be a symmetric PSD {n}×{n} matrix")
+        raise SpecError("output_grad", f"array of shape {pi.shape}", f"must be a symmetric PSD {n}×{n} matrix")
     return pi
 
 

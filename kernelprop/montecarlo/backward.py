@@ -221,7 +221,7 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
     per_seed = plan.batch_bytes(1, n, t_max) + checkpoint
     limit = S.machine_memory() if memory_limit is None else int(memory_limit)
     if per_seed + plan.stored_bytes(seeds, n, inputs.segments[0], True) > limit:
-        raise SpecError("--width", width, f"one seed needs about {per_seed / S.GIB:.1f} GiB with explicit weights "
+        raise SpecError("width", width, f"one seed needs about {per_seed / S.GIB:.1f} GiB with explicit weights "
                         f"and one checkpoint per unit, more than {limit / S.GIB:.1f} GiB: lower --width or the depth")
     leaves = sum(1 for _, _, layer in units for _ in walk(layer))
     tape_seed = 8 * (plan.weight_count + 3 * leaves * n * plan.max_width)   # the whole tape of one seed

@@ -149,7 +149,7 @@ def compare_gradients(theory, sim, half=None, *, alpha: float = 0.01, atol: floa
 
 def _check_alpha(alpha):
     if not (0 < alpha < 1):
-        raise SpecError("--alpha", alpha, "must lie in (0, 1)")
+        raise SpecError("alpha", alpha, "must lie in (0, 1)")
 
 
 def _pair(sim, half):
@@ -158,7 +158,7 @@ def _pair(sim, half):
         return None
     d1, d2 = sim.width, half.width
     if not d2 < d1:
-        raise SpecError("--width", d1, f"the bias-correcting run must be narrower (it has width {d2}): "
+        raise SpecError("width", d1, f"the bias-correcting run must be narrower (it has width {d2}): "
                         "raise --width, or use --no-extrapolate")
     return d1 / (d1 - d2), d2 / (d1 - d2)
 
@@ -349,7 +349,7 @@ def check(network, inputs, width: int, seeds: int = 32, *, extrapolate: bool = T
     """
     from ..kernel.propagate import propagate
     from .simulate import _check_int, _check_seed, simulate
-    _check_int("--seeds", seeds, 2)   # a standard error needs two seeds
+    _check_int("seeds", seeds, 2)   # a standard error needs two seeds
     _check_seed(seed)
     _check_alpha(alpha)
     if sim_options.get("scores") == "standard":
@@ -373,16 +373,16 @@ def check(network, inputs, width: int, seeds: int = 32, *, extrapolate: bool = T
         run = functools.partial(simulate_gradients, output_grad=output_grad, rho=rho)
     else:
         run = simulate
-    _check_int("--width", width, 1)
+    _check_int("width", width, 1)
     half = None
     if extrapolate:   # the narrower run first: it is cheaper and its width is the binding constraint
         narrow = half_width(width, network)
         try:
             half = run(network, inputs, narrow, seeds, seed=np.random.SeedSequence([seed, 1]), **common)
         except SpecError as exc:
-            if exc.field != "--width" or narrow == width:
+            if exc.field != "width" or narrow == width:
                 raise
-            raise SpecError("--width", width, f"the bias correction also simulates width {narrow}, where: "
+            raise SpecError("width", width, f"the bias correction also simulates width {narrow}, where: "
                             f"{exc.allowed} (raise --width, or use --no-extrapolate)") from None
     main = run(network, inputs, width, seeds, seed=np.random.SeedSequence([seed, 0]), progress=progress, **common)
     if not gradients:

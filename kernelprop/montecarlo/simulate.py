@@ -85,23 +85,23 @@ def measure_batch(label, x, segments, spectral, dong):
 
 def check_options(inputs: Inputs, width, seeds, every, init, input_kind, scores, record) -> None:
     """The run options shared by :func:`simulate` and the backward pass, checked before any work."""
-    _check_int("--width", width, 1)
-    _check_int("--seeds", seeds, 1)
+    _check_int("width", width, 1)
+    _check_int("seeds", seeds, 1)
     _check_int("every", every, 1)
     if init not in (None,) + S.INITS:
-        raise SpecError("--init", init, f"must be one of {list(S.INITS)} (or omitted: each layer's own)")
+        raise SpecError("init", init, f"must be one of {list(S.INITS)} (or omitted: each layer's own)")
     if input_kind not in S.INPUT_KINDS:
-        raise SpecError("--inputs", input_kind, f"must be one of {list(S.INPUT_KINDS)}")
+        raise SpecError("input_kind", input_kind, f"must be one of {list(S.INPUT_KINDS)}")
     if scores not in (None,) + S.SCORE_OVERRIDES:
-        raise SpecError("--scores", scores, f"must be one of {list(S.SCORE_OVERRIDES)} (or omitted: the spec's)")
+        raise SpecError("scores", scores, f"must be one of {list(S.SCORE_OVERRIDES)} (or omitted: the spec's)")
     if record not in ("blocks", "sublayers"):
         raise SpecError("record", record, "must be \"blocks\" or \"sublayers\"")
     n = inputs.n_tokens
     if input_kind == "exact" and width < n + 1:
-        raise SpecError("--width", width, f"exact inputs need N + 1 = {n + 1} features for the {n} tokens "
+        raise SpecError("width", width, f"exact inputs need N + 1 = {n + 1} features for the {n} tokens "
                         "(N orthonormal directions orthogonal to the mean): raise --width or use --inputs gaussian")
     if init == "orthogonal" and width < n:
-        raise SpecError("--width", width, f"orthogonal weights are meant to keep the rank-{n} token kernel "
+        raise SpecError("width", width, f"orthogonal weights are meant to keep the rank-{n} token kernel "
                         f"exactly, which needs width >= N = {n}: raise --width")
 
 
@@ -138,7 +138,7 @@ def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, i
     stored = plan.stored_bytes(seeds, n, t0, keep_kernels)
     need_one = plan.batch_bytes(1, n, t_max) + stored
     if need_one > limit:
-        raise SpecError("--width", width, f"one seed needs about {need_one / S.GIB:.1f} GiB (features "
+        raise SpecError("width", width, f"one seed needs about {need_one / S.GIB:.1f} GiB (features "
                         f"{n}×{plan.max_width}, largest weight matrix {plan.max_weight:,} entries, "
                         f"{plan.records} stored {n}×{n} kernels), more than the {limit / S.GIB:.1f} GiB "
                         "of this machine: lower --width, the number of tokens, or the depth")
@@ -181,7 +181,7 @@ def _check_int(name, v, minimum):
 
 def _check_seed(seed):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise SpecError("--seed", seed, "must be a whole number >= 0")
+        raise SpecError("seed", seed, "must be a whole number >= 0")
     return int(seed)
 
 

@@ -355,13 +355,13 @@ def parse_param(item: str, log: bool = False) -> tuple[str, np.ndarray, str]:
     """``(name, values, spacing)`` from ``NAME=START:STOP:N`` (N points, ends included; append
     ``:log`` or ``:lin`` to choose the spacing, default ``log`` if ``log`` else linear) or
     ``NAME=V1,V2,…``. Depth values (``L``/``depth``) are rounded to whole numbers and deduplicated.
-    Raises :class:`SpecError` naming ``--param``."""
+    Raises :class:`SpecError` naming ``param``."""
     usage = ("must be NAME=START:STOP:N (N points, e.g. beta=0.1:2:20 or L=1:1000:30:log) "
              "or NAME=V1,V2,... (e.g. L=8,16,32)")
     name, sep, spec = str(item).partition("=")
     name, spec = name.strip(), spec.strip()
     if not sep or not name.isidentifier() or not spec:
-        raise SpecError("--param", item, usage)
+        raise SpecError("param", item, usage)
     try:
         if ":" in spec:
             parts = spec.split(":")
@@ -372,13 +372,13 @@ def parse_param(item: str, log: bool = False) -> tuple[str, np.ndarray, str]:
                 raise ValueError
             start, stop, n = float(parts[0]), float(parts[1]), parts[2].strip()
             if not n.isdigit() or int(n) < 1:
-                raise SpecError("--param", item, f"the number of points N = {n!r} must be a whole number >= 1")
+                raise SpecError("param", item, f"the number of points N = {n!r} must be a whole number >= 1")
             n = int(n)
             if not (math.isfinite(start) and math.isfinite(stop)):
                 raise ValueError
             if spacing == "log":
                 if start <= 0 or stop <= 0:
-                    raise SpecError("--param", item, "a log range needs START > 0 and STOP > 0")
+                    raise SpecError("param", item, "a log range needs START > 0 and STOP > 0")
                 values = np.geomspace(start, stop, n)
             else:
                 values = np.linspace(start, stop, n)
@@ -390,14 +390,14 @@ def parse_param(item: str, log: bool = False) -> tuple[str, np.ndarray, str]:
     except ValueError as exc:
         if isinstance(exc, SpecError):
             raise
-        raise SpecError("--param", item, usage) from None
+        raise SpecError("param", item, usage) from None
     if name in DEPTH_NAMES:
         rounded = np.round(values)
         if spacing == "list" and np.any(rounded != values):
-            raise SpecError("--param", item, "depths must be whole numbers >= 1")
+            raise SpecError("param", item, "depths must be whole numbers >= 1")
         values = np.array(list(dict.fromkeys(int(v) for v in rounded)))
         if np.any(values < 1):
-            raise SpecError("--param", item, "depths must be whole numbers >= 1")
+            raise SpecError("param", item, "depths must be whole numbers >= 1")
     elif len(np.unique(values)) != len(values):
-        raise SpecError("--param", item, "values must be distinct")
+        raise SpecError("param", item, "values must be distinct")
     return name, values, spacing

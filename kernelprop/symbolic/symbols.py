@@ -170,7 +170,7 @@ class Namespace:
             found = [r for r in rows if _matches(sel, r[0])]
             if not found:
                 known = sorted({r[0].rsplit(".", 1)[1] for r in rows})
-                raise SpecError("--symbol", sel, f"matches no numeric field; fields of this network: {known} "
+                raise SpecError("symbols", sel, f"matches no numeric field; fields of this network: {known} "
                                 "(or a path such as block[0].weight_var)")
             for r in found:
                 hits.setdefault(r[0], (r, name))
@@ -229,10 +229,10 @@ def _selector(text: str):
     sel, _, name = str(text).partition("=")
     sel, name = sel.strip(), name.strip() or None
     if not sel or (name is not None and not name.isidentifier()):
-        raise SpecError("--symbol", text, "must be FIELD or PATH, optionally =NAME with NAME an identifier "
+        raise SpecError("symbols", text, "must be FIELD or PATH, optionally =NAME with NAME an identifier "
                         "(e.g. value_var, block[0].beta=b)")
     if name in RESERVED:
-        raise SpecError("--symbol", text, f"the name {name!r} is reserved ({sorted(RESERVED)})")
+        raise SpecError("symbols", text, f"the name {name!r} is reserved ({sorted(RESERVED)})")
     return sel, name
 
 

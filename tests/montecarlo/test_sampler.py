@@ -122,16 +122,16 @@ X8 = I.identity(8)
 
 
 @pytest.mark.parametrize("kwargs, field, text", [
-    (dict(width=8), "--width", "9 features for the 8 tokens"),     # exact inputs need d > N
-    (dict(width=6, input_kind="gaussian", init="orthogonal"), "--width", "width >= N = 8"),
-    (dict(seeds=0), "--seeds", ">= 1"),
-    (dict(seeds=2.5), "--seeds", ">= 1"),
-    (dict(width=0), "--width", ">= 1"),
-    (dict(init="xavier"), "--init", "gaussian"),
-    (dict(input_kind="sphere"), "--inputs", "exact"),
-    (dict(scores="sqrt"), "--scores", "standard"),
-    (dict(width=10**8), "--width", "GiB"),                         # one seed's features exceed the machine
-    (dict(width=60000, products="explicit"), "--width", "GiB"),    # one explicit 60000×240000 weight matrix
+    (dict(width=8), "width", "9 features for the 8 tokens"),     # exact inputs need d > N
+    (dict(width=6, input_kind="gaussian", init="orthogonal"), "width", "width >= N = 8"),
+    (dict(seeds=0), "seeds", ">= 1"),
+    (dict(seeds=2.5), "seeds", ">= 1"),
+    (dict(width=0), "width", ">= 1"),
+    (dict(init="xavier"), "init", "gaussian"),
+    (dict(input_kind="sphere"), "input_kind", "exact"),
+    (dict(scores="sqrt"), "scores", "standard"),
+    (dict(width=10**8), "width", "GiB"),                         # one seed's features exceed the machine
+    (dict(width=60000, products="explicit"), "width", "GiB"),    # one explicit 60000×240000 weight matrix
     (dict(width=4096, seeds=4096, batch=4096, memory_limit=2**30), "batch", "GiB"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, field, text):
