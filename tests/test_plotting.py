@@ -65,6 +65,24 @@ def test_depth_plot_log_x_drops_the_input_and_overlays_simulations(trajs):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["noci", "noci (simulation), ±1 s.e."]
 
 
+@pytest.mark.parametrize("record,every", [("blocks", 1), ("sublayers", 2)])
+def test_series_reads_the_block_records_of_a_trajectory_or_of_its_file(tmp_path, record, every):
+    """The structured records of a trajectory and the labels of its file pick the same points:
+    the stem output at depth 0, then every whole block; no sub-layer or head records."""
+    from kernelprop.plotting.files import read
+    net = Network(stem=[Dense(), LayerNorm()], block=[Residual(Dense()), Residual(LayerNorm(), Dense())],
+                  final=[LayerNorm()], depth=5)
+    traj = kp.propagate(net, inputs.equicorrelated(6, 1.0, 0.2), record=record, every=every)
+    depth, vals, _ = plotting.series(traj, "q_mean")
+    expected = [0, *range(every, 6, every)] + ([5] if 5 % every else [])
+    assert depth.tolist() == expected
+    kp.io.write(traj, tmp_path / "t.json")
+    _, back = read(tmp_path / "t.json")
+    depth_f, vals_f, _ = plotting.series(back, "q_mean")
+    assert depth_f.tolist() == expected
+    np.testing.assert_allclose(vals_f, vals, rtol=1e-12)
+
+
 def test_errorbars_into_a_given_axes():
     fig, ax = plt.subplots()
     out = plotting.errorbars(ax, [1, 2, 3], [0.1, 0.2, 0.3], [0.01, 0.02, 0.03], label="sim")

@@ -14,19 +14,21 @@ from .labels import BLOCK_LABEL, measure_label
 _BLOCK = re.compile(r"^block (\d+)$")
 
 
-def block_records(labels, blocks) -> tuple[np.ndarray, np.ndarray]:
+def block_records(labels, blocks, records=None) -> tuple[np.ndarray, np.ndarray]:
     """``(records, depths)``: the state entering block 1 (input, or stem output) at depth 0, then every
-    recorded ``block l`` (sub-layer records and the head's output are left out)."""
-    rec, depth = [], []
-    zero = [r for r, lab in enumerate(labels) if lab in ("input", "stem") or lab.startswith("stem")]
-    if zero:
-        rec.append(zero[-1])
-        depth.append(0)
-    for r, lab in enumerate(labels):
-        m = _BLOCK.match(str(lab))
-        if m:
-            rec.append(r)
-            depth.append(int(m.group(1)))
+    recorded ``block l`` (sub-layer records and the head's output are left out).
+
+    ``records``: the structured :class:`~kernelprop.network.walk.Record` list of a trajectory, used
+    when given; results read back from files have only their ``labels``."""
+    if records:
+        zero = [r for r, rec in enumerate(records) if rec.section in ("input", "stem")]
+        whole = [(r, rec.block) for r, rec in enumerate(records) if rec.section == "block" and rec.part is None]
+    else:
+        zero = [r for r, lab in enumerate(labels) if lab in ("input", "stem") or lab.startswith("stem")]
+        whole = [(r, int(m.group(1))) for r, m in ((r, _BLOCK.match(str(lab))) for r, lab in enumerate(labels)) if m]
+    rec, depth = ([zero[-1]], [0]) if zero else ([], [])
+    rec += [r for r, _ in whole]
+    depth += [l for _, l in whole]
     return np.array(rec, dtype=int), np.array(depth, dtype=int)
 
 
@@ -34,12 +36,12 @@ def series(traj, measure: str, position: int | None = None):
     """``(depth, values, stderr or None)`` of ``measure`` at every block record of ``traj``.
 
     ``traj`` is anything with ``labels`` and ``measures`` (a :class:`~kernelprop.Trajectory`, a
-    simulation result); if it also has ``stderr[measure]`` or a measure ``<measure>_se``, that is
+    simulation result, a result read from a file; its ``records`` pick the blocks when it has them); if it also has ``stderr[measure]`` or a measure ``<measure>_se``, that is
     returned as the standard error.
     """
     if measure not in traj.measures:
         raise SpecError("measure", measure, f"must be one of {sorted(traj.measures)}")
-    rec, depth = block_records(traj.labels, getattr(traj, "blocks", None))
+    rec, depth = block_records(traj.labels, getattr(traj, "blocks", None), getattr(traj, "records", None))
     vals = np.asarray(traj.measures[measure], dtype=float)
     se = getattr(traj, "stderr", None)
     se = se.get(measure) if isinstance(se, Mapping) else None

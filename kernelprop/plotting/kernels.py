@@ -20,7 +20,8 @@ from .depth import block_records
 
 
 def kernel_records(source) -> dict:
-    """``{"kernels", "labels", "blocks", "segments"}`` from a trajectory, an .npz path or a mapping."""
+    """``{"kernels", "labels", "blocks", "segments", "records"}`` from a trajectory, an .npz path or a
+    mapping (``records``: the trajectory's structured records, None from a file)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix.lower() != ".npz":
@@ -44,13 +45,14 @@ def kernel_records(source) -> dict:
         labels, blocks, segments = list(source.labels), np.asarray(source.blocks), tuple(source.segments)
     if kernels.ndim != 3 or kernels.shape[1] != kernels.shape[2]:
         raise SpecError("kernels", f"array of shape {kernels.shape}", "must be (records, N, N)")
-    return {"kernels": kernels, "labels": labels, "blocks": blocks, "segments": segments}
+    records = source.get("records") if isinstance(source, Mapping) else getattr(source, "records", None)
+    return {"kernels": kernels, "labels": labels, "blocks": blocks, "segments": segments, "records": records or None}
 
 
 def pick_depths(rec: dict, depths=None, most: int = 4) -> list[tuple[int, str]]:
     """``[(record, title)]`` for the requested block indices (0 = input) or record labels; by default
     up to ``most`` block records spread evenly (first, last and between)."""
-    records, depth = block_records(rec["labels"], rec["blocks"])
+    records, depth = block_records(rec["labels"], rec["blocks"], rec.get("records"))
     if depths is None:
         if len(records) == 0:
             records, depth = np.arange(len(rec["labels"])), np.arange(len(rec["labels"]))

@@ -209,9 +209,9 @@ def _execute(job: _Job, inputs, measures, grid, spectral, failures) -> int:
 
 
 def _fill(traj, reads, measures, grid):
-    where = {label: r for r, label in enumerate(traj.labels)}
+    after_block = {traj.records[r].block: r for r in traj.where(section="block", part=None)}
     for index, d, last in reads:
-        r = len(traj.labels) - 1 if last else where[f"block {d}"]
+        r = len(traj.labels) - 1 if last else after_block[d]
         for m in measures:
             grid[m][index] = traj.measures[m][r]
 
