@@ -395,11 +395,7 @@ def sweep_command(
         fig_path = None if no_figure else figure or (output.with_suffix(".png") if output is not None else None)
         fig_format = style.check_format(fig_path) if fig_path is not None else None
         _spec_or_preset(spec, preset)
-        if spec is not None:
-            model, x = models.load(spec, depth=depth, overrides=set_), None
-        else:
-            model, x = models.preset_builder(preset, overrides=set_, options=options), options.inputs()
-            depth = models.DEFAULT_DEPTH if depth is None else depth
+        model, x, depth = models.sweep_model(spec, preset, depth=depth, overrides=set_, options=options)
         try:
             res = _sweep_progress(lambda cb: S.sweep(
                 model, x, {n: v for n, v, _ in axes}, measure=measure, depth=depth, at=at,

@@ -4,8 +4,8 @@
   and params overridden;
 * :func:`preset` — a named preset (:data:`kernelprop.methods.presets.PRESETS`) at some depth, its
   knobs overridden, on an equicorrelated input (:class:`PresetOptions`); :func:`preset_builder` — the
-  same as a builder ``build(depth, **knobs)`` for sweeps; :func:`compare` — several presets propagated
-  on the same input.
+  same as a builder ``build(depth, **knobs)`` for sweeps (:func:`sweep_model`: either kind, ready for
+  :func:`kernelprop.sweep.sweep`); :func:`compare` — several presets propagated on the same input.
 
 Both return a :class:`~kernelprop.network.spec.Spec` (network, inputs, recording options, the raw
 description written into result files). Overrides are a mapping ``{name: number}`` or strings
@@ -100,6 +100,17 @@ def preset_builder(name: str, *, overrides: Mapping | Sequence[str] = (),
     from .methods import presets
     return functools.partial(presets.build, name, heads=options.heads, causal=options.causal, scores=options.scores,
                              activation=options.activation, **parse_overrides(overrides))
+
+
+def sweep_model(spec=None, preset_name: str | None = None, *, depth: int | None = None,
+                overrides: Mapping | Sequence[str] = (), options: PresetOptions = PresetOptions()):
+    """``(model, inputs, depth)`` for :func:`kernelprop.sweep.sweep`: the spec ``spec`` (its own input,
+    ``inputs`` None), or the builder of the preset ``preset_name`` (:func:`preset_builder`, its knobs
+    sweepable) on ``options.inputs()`` at ``depth`` (default 48) when L is not swept."""
+    if spec is not None:
+        return load(spec, depth=depth, overrides=overrides), None, depth
+    builder = preset_builder(preset_name, overrides=overrides, options=options)
+    return builder, options.inputs(), DEFAULT_DEPTH if depth is None else depth
 
 
 def preset(name: str, depth: int | None = None, *, overrides: Mapping | Sequence[str] = (),

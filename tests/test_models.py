@@ -111,3 +111,10 @@ def test_plot_depths_as_text_are_parsed_or_named(tmp_path):
     with pytest.raises(SpecError) as info:
         plot_files([tmp_path / "r.npz"], depths="0,x")
     assert info.value.field == "depths" and "comma-separated" in info.value.allowed
+
+
+def test_sweep_model_is_a_spec_or_a_preset_builder():
+    spec, x, depth = models.sweep_model("pre_ln", depth=4, overrides={"beta": 0.5})
+    assert x is None and depth == 4 and spec.network.depth == 4 and spec.network.params["beta"] == 0.5
+    build, x, depth = models.sweep_model(None, "depth_mup", options=models.PresetOptions(tokens=5))
+    assert depth == models.DEFAULT_DEPTH and x.segments == (5,) and build(3, a=2.0).params["a"] == 2.0
