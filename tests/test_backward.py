@@ -116,9 +116,9 @@ def test_output_gradient_is_checked():
     n = 5
     np.testing.assert_allclose(np.linalg.eigvalsh(B.output_gradient("equicorrelated", n, -0.25))[0], 0.0, atol=1e-14)
     for rho in (-0.26, 1.01):
-        with pytest.raises(SpecError, match="output_gradient.rho"):
+        with pytest.raises(SpecError, match="output_grad.rho"):
             B.output_gradient("equicorrelated", n, rho)
     with pytest.raises(SpecError, match="PSD"):
         B.output_gradient(np.diag([1.0, -1.0, 1.0, 1.0, 1.0]), n)
-    with pytest.raises(SpecError, match="output_gradient"):
+    with pytest.raises(SpecError, match="output_grad"):
         B.output_gradient("ones", n)
