@@ -194,7 +194,8 @@ def moments(
 def presets():
     """List the named presets with their knobs and sources."""
     from kernelprop import report
-    out.print(report.presets_table())
+    from kernelprop.methods.presets import PRESETS
+    out.print(report.presets_table(PRESETS.values()))
 
 
 @app.command()
@@ -317,6 +318,7 @@ def check(
     with _errors():
         from kernelprop import montecarlo as mc
         from kernelprop import report
+        from kernelprop.montecarlo.tables import comparison_table, rows_table
         if not 0 < alpha < 1:
             from kernelprop.errors import SpecError
             raise SpecError("--alpha", alpha, "must lie in (0, 1)")
@@ -326,11 +328,15 @@ def check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
             init=init, input_kind=inputs, scores=scores, progress=cb, **extra), s.network.depth)
-        name = s.network.name or spec
-        for table in report.check_tables(cmp, most=rows, every_row=all_rows,
-                                         title=f"{name} — theory vs simulation, {s.inputs.description}",
-                                         gradient_title=f"{name} — gradients, output gradient {output_grad}"):
-            out.print(table)
+        title = f"{s.network.name or spec} — theory vs simulation, {s.inputs.description}"
+        if all_rows:
+            out.print(rows_table(cmp))
+        elif gradients:
+            out.print(comparison_table(cmp.parts["forward"], most=rows, title=title))
+            out.print(mc.gradient_table(cmp.parts["gradients"], most=rows,
+                                        title=f"{s.network.name or spec} — gradients, output gradient {output_grad}"))
+        else:
+            out.print(comparison_table(cmp, most=rows, title=title))
         out.print(report.verdict(cmp))
         if not cmp.agree:
             raise typer.Exit(3)

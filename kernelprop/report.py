@@ -86,30 +86,16 @@ def comparison_table(trajectories: dict, measure: str, records, title: str | Non
     return table
 
 
-def presets_table() -> Table:
-    """The named presets (:data:`kernelprop.methods.presets.PRESETS`) with their knobs and sources."""
-    from .methods.presets import PRESETS
+def presets_table(presets) -> Table:
+    """Named presets (:class:`~kernelprop.methods.presets.Preset`, e.g. ``PRESETS.values()``) with
+    their knobs and sources."""
     table = Table(header_style="bold")
     for c in ("preset", "what it is", "knobs", "source"):
         table.add_column(c)
-    for p in PRESETS.values():
+    for p in presets:
         knobs = ", ".join(f"{k}={v}" for k, v in p.knobs.items()) or "-"
         table.add_row(p.name, p.summary, knobs, p.source)
     return table
-
-
-def check_tables(cmp, most: int = 24, title: str | None = None, gradient_title: str | None = None,
-                 every_row: bool = False) -> list:
-    """The tables of a theory-vs-simulation :class:`~kernelprop.montecarlo.Comparison`: every row
-    (``every_row``), or the z-scores per record (forward, and gradients if it has them)."""
-    from .montecarlo import gradient_table
-    from .montecarlo.tables import comparison_table as z_scores, rows_table
-    if every_row:
-        return [rows_table(cmp)]
-    if "gradients" in cmp.parts:
-        return [z_scores(cmp.parts["forward"], most=most, title=title),
-                gradient_table(cmp.parts["gradients"], most=most, title=gradient_title)]
-    return [z_scores(cmp, most=most, title=title)]
 
 
 def verdict(cmp) -> str:
