@@ -193,15 +193,3 @@ def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", r
                               kernels=np.stack([kernels[i] for i in order]) if keep_kernels else None,
                               forward=fwd, records=recs)
 
-
-def unit_label(section, l, layer):
-    return f"block {l}" if section == "block" else f"{section} · {layer.kind}"
-
-
-def record_at(units, u, every):
-    """``(label, block)`` of the forward record at the output of unit ``u``, or None (as :func:`propagate`)."""
-    section, l, _ = units[u]
-    last = u + 1 == len(units) or units[u + 1][0] != section
-    if section == "block":
-        return (f"block {l}", l) if (l % every == 0 or last) else None
-    return (section, l) if last else None

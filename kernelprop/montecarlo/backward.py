@@ -138,6 +138,7 @@ class GradientSimulation(Records):
     width: int
     seeds: int
     meta: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
 
     def grad_samples_per_block(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """``(blocks, per-seed sums (S, n_blocks))`` of the parameter-gradient norms of ``kind``."""
@@ -214,7 +215,7 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
         spectral = max(inputs.segments) <= 512
     plan = S.plan(network, width, inputs.segments, init, scores, "explicit")
     t_max = max(inputs.segments)
-    fwd_labels = S.record_labels(network, record, every)
+    fwd_labels = W.RecordPlan(network, record, every).all(network)
     plan.records = len(fwd_labels)
     units = list(network.layers())
     checkpoint = 8 * len(units) * n * plan.max_width                  # one unit input per unit, per seed
@@ -239,7 +240,7 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(_check_seed(seed))
     streams = ss.spawn(seeds)
     bplan = W.RecordPlan(network, "blocks", every)
-    g_labels = [("input", 0)] + [(r.label, r.block) for r in map(bplan.after_unit, W.units(network)) if r is not None]
+    g_labels = [W.INPUT] + [r for r in map(bplan.after_unit, W.units(network)) if r is not None]
     facc = _Accumulator(len(fwd_labels), n, True)
     fsamples = [[] for _ in fwd_labels]
     gacc = _Accumulator(len(g_labels), n, True)
@@ -255,8 +256,8 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
             lambda k, bi=bi: progress(bi * depth + (k * depth) // steps, len(batches) * depth))
         fwd, bwd, grads = _run(network, inputs, width, gens, bgens, pi_out, grad_draw, init, input_kind, scores,
                                record, every, spectral, dong, cb, keep_tape)
-        if [lab for lab, *_ in fwd] != [lab for lab, _ in fwd_labels] or \
-                [lab for lab, _ in bwd] != [lab for lab, _ in g_labels]:   # pragma: no cover - internal consistency
+        if [lab for lab, *_ in fwd] != [r.label for r in fwd_labels] or \
+                [lab for lab, _ in bwd] != [r.label for r in g_labels]:   # pragma: no cover - internal consistency
             raise RuntimeError("Monte Carlo records do not match the engine's record labels")
         for r, (_, kern, mean, rows) in enumerate(fwd):
             facc.add(r, kern, mean)
@@ -279,7 +280,7 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
     return GradientSimulation(labels=gfin.labels, blocks=gfin.blocks, measures=gfin.measures, stderr=gfin.stderr,
                               samples=gfin.samples, kernels=gfin.kernels, kernel_stderr=gfin.kernel_stderr,
                               grads=grads, grad_samples=grad_samples, forward=forward, segments=inputs.segments,
-                              width=width, seeds=seeds, meta=meta)
+                              width=width, seeds=seeds, meta=meta, records=gfin.records)
 
 
 def _describe(output_grad, rho):

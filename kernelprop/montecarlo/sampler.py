@@ -270,12 +270,6 @@ def plan(network, width: int, segments, init: str | None, scores: str | None,
     return p
 
 
-def record_labels(network, record: str, every: int) -> list:
-    """``(label, block)`` of every record, in the order :func:`kernelprop.propagate` keeps them."""
-    from ..network.walk import RecordPlan
-    return [(r.label, r.block) for r in RecordPlan(network, record, every).all(network)]
-
-
 def machine_memory() -> int:
     """Physical memory in bytes (24 GiB if the system does not say)."""
     try:

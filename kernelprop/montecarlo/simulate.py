@@ -51,6 +51,7 @@ class Simulation(Records):
     width: int
     seeds: int
     meta: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
 
     def as_trajectory(self, kernel_se: bool = False) -> Trajectory:
         """A :class:`Trajectory` whose measures also hold ``<name>_se`` and ``mean_se`` (and, with
@@ -62,7 +63,7 @@ class Simulation(Records):
             ms["kernel_se"] = self.kernel_stderr
         return Trajectory(labels=self.labels, blocks=self.blocks, means=self.means, measures=ms,
                           segments=self.segments, network=self.network, inputs=self.inputs,
-                          kernels=self.kernels, meta=self.meta)
+                          kernels=self.kernels, meta=self.meta, records=self.records)
 
 
 def measure_batch(label, x, segments, spectral, dong):
@@ -131,7 +132,7 @@ def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, i
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     plan = S.plan(network, width, inputs.segments, init, scores, products)
-    labels = S.record_labels(network, record, every)
+    labels = RecordPlan(network, record, every).all(network)
     plan.records = len(labels)
     t_max, t0 = max(inputs.segments), inputs.segments[0]
     limit = S.machine_memory() if memory_limit is None else int(memory_limit)
@@ -163,7 +164,7 @@ def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, i
         cb = None if progress is None else (lambda l, _d, bi=bi: progress(bi * depth + l, len(batches) * depth))
         recs = _run(network, inputs, width, gens, input_kind, init, scores, products, record, every, spectral,
                     dong, cb)
-        if [r[0] for r in recs] != [lab for lab, _ in labels]:   # pragma: no cover - internal consistency
+        if [r[0] for r in recs] != [rec.label for rec in labels]:   # pragma: no cover - internal consistency
             raise RuntimeError("Monte Carlo records do not match the engine's record labels")
         for r, (_, kern, mean, rows) in enumerate(recs):
             acc.add(r, kern, mean)
@@ -246,7 +247,8 @@ class _Accumulator:
             return np.where(s > 1, np.sqrt(m2 / np.maximum(s - 1, 1) / s), np.nan)
 
 
-def _finish(network, inputs, width, seeds, labels, acc, samples, meta):
+def _finish(network, inputs, width, seeds, records, acc, samples, meta):
+    """Seed means and standard errors at the ``records`` (:class:`~kernelprop.network.walk.Record`)."""
     names = list(dict.fromkeys(k for rows in samples for row in rows for k in row))
     measures, stderr, per_seed = {}, {}, {}
     for k in names:
@@ -256,11 +258,11 @@ def _finish(network, inputs, width, seeds, labels, acc, samples, meta):
         measures[k] = vals.mean(axis=0)
         stderr[k] = vals.std(axis=0, ddof=1) / math.sqrt(seeds) if seeds > 1 else np.full(vals.shape[1:], np.nan)
     return Simulation(
-        labels=[lab for lab, _ in labels], blocks=np.array([l for _, l in labels]), means=acc.mmean,
+        labels=[r.label for r in records], blocks=np.array([r.block for r in records]), means=acc.mmean,
         measures=measures, segments=inputs.segments, network=network, inputs=inputs,
         kernels=acc.kmean, stderr=stderr, mean_stderr=acc.stderr(acc.mm2),
         kernel_stderr=None if acc.kmean is None else acc.stderr(acc.km2), samples=per_seed,
-        width=width, seeds=seeds, meta=meta)
+        width=width, seeds=seeds, meta=meta, records=list(records))
 
 
 def write(sim: Simulation, path, spec_raw=None):
