@@ -119,7 +119,8 @@ def _layer(t, where) -> L.Layer:
         raise SpecError(where, t, "must be a layer table with a `type` field")
     t = dict(t)
     kind = t.pop("type", None)
-    from ..kernel.activations import ACTIVATIONS
+    from ..layers.activation import activations as _activations
+    ACTIVATIONS = _activations.ACTIVATIONS
     prims = primitives()
     if kind in ACTIVATIONS and kind not in prims:  # sugar: {type = "relu"}
         t["name"] = kind

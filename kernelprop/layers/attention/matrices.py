@@ -310,7 +310,7 @@ def _sqrt_factor(s):
 
 def spa_mixing(layer, segments, cache=None) -> Dense:
     """The SPA matrix ``A_l`` of every sequence (He et al. 2023), cached per length and step."""
-    from ...methods import spa
+    from . import spa
     blocks = []
     for t in segments:
         key = ("spa", layer.spa, t, layer.spa_step, layer.spa_layers, layer.spa_final, layer.causal)
@@ -327,7 +327,7 @@ def spa_realised(layer, t: int) -> np.ndarray:
     """Signal-preserving attention realised as a network would: ``D softmax(B + M)`` with the
     location-dependent rescaling ``D`` and bias ``B`` of :func:`kernelprop.methods.spa.softmax_form`
     (He et al. 2023, §3); seed-independent (zero queries), the same for every head."""
-    from ...methods import spa
+    from . import spa
     a = spa.attention_matrix(layer.spa, t, layer.spa_step, layer.spa_layers, layer.spa_final, layer.causal)
     d, b = spa.softmax_form(a, layer.causal)
     return d[:, None] * softmax(b.copy())
