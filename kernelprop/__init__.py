@@ -11,8 +11,22 @@ from . import inputs, montecarlo
 from .errors import KernelpropError, NotSupportedError, NumericalError, SpecError
 from .kernel.backward import GradientTrajectory, backpropagate
 from .kernel.propagate import Trajectory, propagate
-from .layers import (LAYERS, Activation, Attention, Dense, Dropout, Layer, LayerNorm, Parallel, Residual, RMSNorm,
-                     Scale, Serial, register_layer, unregister_layer)
+from .layers import (
+                     LAYERS,
+                     Activation,
+                     Attention,
+                     Dense,
+                     Dropout,
+                     Layer,
+                     LayerNorm,
+                     Parallel,
+                     Residual,
+                     RMSNorm,
+                     Scale,
+                     Serial,
+                     register_layer,
+                     unregister_layer,
+)
 from .network.network import Network
 from .network.spec import Spec, load, loads
 

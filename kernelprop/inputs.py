@@ -64,7 +64,7 @@ class Inputs:
     def n_tokens(self) -> int:
         return self.sigma.shape[0]
 
-    def with_positional(self, kind: str = "random", var: float = 1.0, dim: int = 512) -> "Inputs":
+    def with_positional(self, kind: str = "random", var: float = 1.0, dim: int = 512) -> Inputs:
         """Add positional embeddings ``Σ⁰ += σ_pe² R`` within each sequence.
 
         ``random``: learned positions at init, i.i.d. Gaussian, ``R = I``;

@@ -15,9 +15,9 @@ description written into result files). Overrides are a mapping ``{name: number}
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from . import inputs as I
 from .errors import SpecError

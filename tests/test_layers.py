@@ -19,8 +19,20 @@ from kernelprop import symbolic as S
 from kernelprop.errors import NotSupportedError, SpecError
 from kernelprop.kernel.maps import Context
 from kernelprop.kernel.state import KernelState
-from kernelprop.layers import (LAYERS, RULES, Activation, Attention, Dense, Dropout, LayerNorm, Parallel, Residual,
-                               RMSNorm, Scale, Serial)
+from kernelprop.layers import (
+    LAYERS,
+    RULES,
+    Activation,
+    Attention,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Parallel,
+    Residual,
+    RMSNorm,
+    Scale,
+    Serial,
+)
 from kernelprop.montecarlo import sampler as MS
 from kernelprop.network.layers import Network
 

@@ -9,7 +9,6 @@ from kernelprop import inputs as I
 from kernelprop.methods import cmaps, presets, spa
 from kernelprop.network.layers import Activation, Attention, Dense, Network
 
-
 # ---------------------------------------------------------------- SPA
 
 @pytest.mark.parametrize("kind", ["e-spa", "u-spa"])

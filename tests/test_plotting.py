@@ -280,6 +280,7 @@ def test_paper_style_keeps_an_interactive_switch_made_inside():
     """Jupyter's inline backend turns interactive mode on with the first figure; if that figure is made
     inside the style context, restoring the old rcParams must not switch it off again (figures vanish)."""
     import matplotlib as mpl
+
     from kernelprop.plotting.style import RC, paper_style
     before = mpl.is_interactive()
     key = next(iter(RC))

@@ -12,8 +12,18 @@ from hypothesis import strategies as st
 
 import kernelprop as kp
 from kernelprop import inputs as I
-from kernelprop.network.layers import (Activation, Attention, Dense, Dropout, LayerNorm, Network, Parallel,
-                                       Residual, RMSNorm, Serial)
+from kernelprop.network.layers import (
+    Activation,
+    Attention,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Network,
+    Parallel,
+    Residual,
+    RMSNorm,
+    Serial,
+)
 
 WF = dict(values="identity", projection="identity")
 LAYERS = {

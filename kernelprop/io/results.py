@@ -20,6 +20,7 @@ FORMATS = (".json", ".csv", ".npz")
 def versions() -> dict:
     import scipy
     import sympy
+
     from .. import __version__
     return {"kernelprop": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "scipy": scipy.__version__, "sympy": sympy.__version__}

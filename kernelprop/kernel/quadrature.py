@@ -65,7 +65,7 @@ _EPS = np.finfo(np.float64).eps
 _SNAP = 16.0 * _EPS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hermite_rule(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Probabilists' Gauss–Hermite rule with ``n`` nodes: ``E[h(Z)] ≈ Σ w_k h(z_k)``, ``Σ w_k = 1``.
 

@@ -32,7 +32,7 @@ class Dependence:
             return Dependence("dense", d[:, None] * self.p, self.headwise)
         return self
 
-    def scale(self, c: float) -> "Dependence":
+    def scale(self, c: float) -> Dependence:
         """The dependence of ``c·f``."""
         if self.kind in ("diag", "dense"):
             return Dependence(self.kind, c * self.p, self.headwise)
@@ -64,7 +64,7 @@ class KernelState:
     quad_error: float = 0.0
     width: float = 1.0
 
-    def replace(self, **kw) -> "KernelState":
+    def replace(self, **kw) -> KernelState:
         return replace(self, **kw)
 
     @property

@@ -10,8 +10,9 @@ Finite width: ``scale·φ(X)``, pulled back by ``scale·φ'(X) ⊙ G``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

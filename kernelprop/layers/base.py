@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import field
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Union
+from typing import Any, ClassVar, Union
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def number_field(where: str, v) -> float | expressions.Expr:
     return float(v)
 
 
-def refused(layer: "Layer", rule: str, interpreter: str = "") -> NotSupportedError:
+def refused(layer: Layer, rule: str, interpreter: str = "") -> NotSupportedError:
     """The error for a rule ``layer`` does not have, with its reason if the class gives one."""
     what = RULES.get(rule, rule)
     reason = type(layer).refusals.get(rule) or (
@@ -115,7 +116,7 @@ class Layer:
             elif "choice" in f.metadata and v not in f.metadata["choice"]:
                 raise SpecError(where, v, f"must be one of {list(f.metadata['choice'])}")
 
-    def resolve(self, env: Mapping[str, float]) -> "Layer":
+    def resolve(self, env: Mapping[str, float]) -> Layer:
         """A copy with every expression evaluated in ``env`` (keys L, l and params) and checked."""
         changes = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]

@@ -426,7 +426,8 @@ def _pt_pi_p(ka, pa, pi, kb, pb):
 
 def symbolic_combine(s, alpha, branches, betas, ctx, parallel=False):
     """``y = α x + Σ_b β_b f_b(x)``: ``Σ' = Σ_b w_b² Σ_b + Σ_{a<b} w_a w_b (C_ab + C_abᵀ)`` with exact cross terms."""
-    from ..symbolic.maps import Dep, UNKNOWN as SUNKNOWN, nonzero, second_moment, total
+    from ..symbolic.maps import UNKNOWN as SUNKNOWN
+    from ..symbolic.maps import Dep, nonzero, second_moment, total
     fam = ctx.fam
     eye = Dep("matrix", fam.eye())
     base = ctx.where.split(" (")[0]

@@ -7,8 +7,8 @@ file; its knobs are ``params`` of the network, so ``--set name=value`` (CLI) or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -44,18 +44,18 @@ records (``.forward``, a :class:`~kernelprop.montecarlo.simulate.Simulation`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from .. import measures as M
 from ..errors import NumericalError, SpecError
 from ..inputs import Inputs
+from ..kernel.propagate import Records
 from ..layers import walk
 from ..network import walk as W
 from ..network.network import Network
-from ..kernel.propagate import Records
 from . import sampler as S
 from .simulate import Simulation, _Accumulator, _check_int, _check_seed, _finish, check_options, measure_batch
 

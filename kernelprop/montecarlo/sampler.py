@@ -58,7 +58,7 @@ class Context:
     cache: dict = field(default_factory=dict)
     tape: bool = False               # also build each layer's backward rule (explicit weights)
     path: str = ""                   # layer path, for parameter-gradient names
-    bctx: "Context | None" = None    # the backward stream (virtual keys of zero-query layers), or None
+    bctx: Context | None = None    # the backward stream (virtual keys of zero-query layers), or None
 
     @property
     def batch(self) -> int:

@@ -10,8 +10,8 @@ over S seeds: mean and standard error ``sd/sqrt(S)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -268,8 +268,9 @@ def _finish(network, inputs, width, seeds, records, acc, samples, meta):
 def write(sim: Simulation, path, spec_raw=None):
     """Write a simulation with :func:`kernelprop.io.write`: measures plus ``<name>_se`` columns,
     ``mean_se``, and (``.npz``) the kernel standard errors ``measure_kernel_se``."""
-    from .. import io
     from pathlib import Path
+
+    from .. import io
     npz = Path(path).suffix.lower() == ".npz"
     return io.write(sim.as_trajectory(kernel_se=npz), path, spec_raw=spec_raw,
                     extra={"simulation": dict(sim.meta)})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -59,10 +59,10 @@ class Network:
     def env(self, l: int) -> dict:
         return {**self.params, "L": float(self.depth), "l": float(l)}
 
-    def with_depth(self, depth: int) -> "Network":
+    def with_depth(self, depth: int) -> Network:
         return dataclasses.replace(self, depth=depth)
 
-    def with_params(self, **params) -> "Network":
+    def with_params(self, **params) -> Network:
         return dataclasses.replace(self, params={**self.params, **params})
 
     def layers(self):

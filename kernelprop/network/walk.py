@@ -13,8 +13,9 @@ stay as human-readable names in tables and files.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class Unit:
     index: int
     section: str          # "stem" | "block" | "final"
     block: int            # l: 0 in the stem, 1…L for blocks, L+1 in the final layers
-    layer: "Layer"        # resolved at ``block``
+    layer: Layer        # resolved at ``block``
     last_of_section: bool
     position: int = 0     # index within the stem or the final layers
 
@@ -81,7 +82,7 @@ class Record:
 INPUT = Record("input", "input", 0, None, "input", "input")
 
 
-def units(network: "Network") -> Iterator[Unit]:
+def units(network: Network) -> Iterator[Unit]:
     """The network's units in order, each layer resolved at its block index."""
     stem, final = network.stem.layers, network.final.layers
     idx = 0
@@ -105,7 +106,7 @@ class RecordPlan:
     after each stem and final layer but the last of its section.
     """
 
-    def __init__(self, network: "Network", record: str = "blocks", every: int = 1):
+    def __init__(self, network: Network, record: str = "blocks", every: int = 1):
         if record not in RECORD_MODES:
             raise SpecError("record", record, "must be \"blocks\" or \"sublayers\"")
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
@@ -141,7 +142,7 @@ class RecordPlan:
         return Record(unit.section, unit.section, unit.block, None, unit.label, unit.section) \
             if unit.last_of_section else None
 
-    def all(self, network: "Network") -> list:
+    def all(self, network: Network) -> list:
         """Every record of a forward run, in order, without running anything."""
         out = [INPUT]
         for unit in units(network):

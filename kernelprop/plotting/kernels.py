@@ -8,8 +8,8 @@ optionally ``blocks`` and ``segments``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator

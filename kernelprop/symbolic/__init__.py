@@ -10,7 +10,7 @@ iterates the lambdified maps so they can be checked against :func:`kernelprop.pr
 
 from .activations import CLOSED_FORMS, J1
 from .blockmap import BlockMap, SectionMap, Step, SymbolicTrajectory, block_map, evaluate, lambdify, tidy
-from .derive import CMap, ClosedForm, Derivation, FixedPoint, c_map, closed_form, derive, fixed_points
+from .derive import ClosedForm, CMap, Derivation, FixedPoint, c_map, closed_form, derive, fixed_points
 from .render import render_code, render_latex, render_text
 from .symbols import Namespace
 

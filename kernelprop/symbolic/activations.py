@@ -21,8 +21,8 @@ numerically but do not simplify or differentiate).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import sympy as sp

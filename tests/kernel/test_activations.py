@@ -22,7 +22,10 @@ from scipy.special import erf, ndtr
 from kernelprop.errors import SpecError
 from kernelprop.kernel import quadrature as quad
 from kernelprop.kernel.activations import (
-    ACTIVATIONS, activation_kernel, check_activation, derivative_kernel,
+    ACTIVATIONS,
+    activation_kernel,
+    check_activation,
+    derivative_kernel,
 )
 
 # (Σii, Σjj, Σij): c = 0, ±0.5, near ±1, exactly ±1, unequal variances, small, large, zero variance.

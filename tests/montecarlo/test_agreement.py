@@ -12,8 +12,17 @@ import pytest
 import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop import montecarlo as mc
-from kernelprop.network.layers import (Activation, Attention, Dense, Dropout, LayerNorm, Network, Parallel,
-                                       Residual, RMSNorm)
+from kernelprop.network.layers import (
+    Activation,
+    Attention,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Network,
+    Parallel,
+    Residual,
+    RMSNorm,
+)
 
 EQ = I.equicorrelated(8, 1.0, 0.3)
 TWO = I.equicorrelated(6, 1.0, 0.4, sequences=2, cross_rho=0.2)

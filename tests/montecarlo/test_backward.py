@@ -15,12 +15,21 @@ from kernelprop import inputs as I
 from kernelprop import montecarlo as mc
 from kernelprop.errors import NotSupportedError, SpecError
 from kernelprop.kernel.backward import backpropagate
+from kernelprop.layers.attention import logit_offsets
 from kernelprop.methods import presets
 from kernelprop.montecarlo import backward as MB
-from kernelprop.layers.attention import logit_offsets
 from kernelprop.montecarlo import sampler as S
-from kernelprop.network.layers import (Activation, Attention, Dense, Dropout, LayerNorm, Network, Parallel,
-                                       Residual, RMSNorm)
+from kernelprop.network.layers import (
+    Activation,
+    Attention,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Network,
+    Parallel,
+    Residual,
+    RMSNorm,
+)
 
 WF = dict(values="identity", projection="identity")
 
@@ -340,6 +349,7 @@ def test_bundled_examples(example, depth):
 
 def test_check_command_compares_gradients():
     from typer.testing import CliRunner
+
     from cli import app
     runner = CliRunner()
     res = runner.invoke(app, ["check", "post_ln", "-L", "3", "--width", "64", "--seeds", "8", "--gradients",

@@ -171,6 +171,7 @@ def test_a_fully_masked_row_is_a_spec_error():
 def test_unknown_layer_types_are_refused():
     """A layer type without a finite-width rule is refused by name, before or while sampling."""
     from dataclasses import dataclass
+
     from kernelprop.layers import Layer
 
     @dataclass(frozen=True, eq=False)

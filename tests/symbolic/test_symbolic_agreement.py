@@ -15,8 +15,17 @@ import sympy as sp
 import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop import symbolic as S
-from kernelprop.network.layers import (Activation, Attention, Dense, Dropout, LayerNorm, Network, Parallel,
-                                       Residual, RMSNorm)
+from kernelprop.network.layers import (
+    Activation,
+    Attention,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Network,
+    Parallel,
+    Residual,
+    RMSNorm,
+)
 from kernelprop.network.spec import from_dict
 
 EXAMPLES = sorted((Path(kp.__file__).parent / "examples").glob("*.toml"))

@@ -399,7 +399,8 @@ class Attention(Layer):
 
     def symbolic_map(self, s, ctx):
         """``Σ' = σ_v²σ_o² (1/H) Σ_h A_h Σ A_hᵀ``; weight-free (identity values and projection): ``m' = A m``."""
-        from ...symbolic.maps import ZERO as SZERO, Dep, total
+        from ...symbolic.maps import ZERO as SZERO
+        from ...symbolic.maps import Dep, total
         if self.scores == "standard":
             raise NotSupportedError(f"{ctx.where}: standard 1/sqrt(d_k) scores stay random at infinite width; "
                                     "their kernel E[A Σ Aᵀ] has no closed form (the numeric engine estimates it)")
