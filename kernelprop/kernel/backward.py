@@ -66,8 +66,8 @@ class GradientTrajectory(Records):
 
     def grad_norms(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """``(blocks, summed norms)`` of the parameter gradients of ``kind`` (dense, values, output, queries)."""
-        by = {}
-        for label, l, path, k, v in self.grads:
+        by: dict = {}
+        for _label, l, _path, k, v in self.grads:
             if k == kind:
                 by[l] = by.get(l, 0.0) + v
         ls = np.array(sorted(by))
@@ -144,7 +144,10 @@ def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", r
 
     fwd, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, quad_nodes=quad_nodes, on_unit=on_unit,
                      ctx=ctx)
-    records, kernels, rows, grads = [], [], [], []
+    records: list = []
+    kernels: list = []
+    rows: list = []
+    grads: list = []
 
     def keep(rec, p):
         records.append(rec)

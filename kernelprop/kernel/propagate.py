@@ -22,6 +22,9 @@ _VANISH, _EXPLODE = 1e-150, 1e150
 class Records:
     """Access shared by results with ``labels`` and ``measures``: ``r["cos_mean"]``, ``len(r)``, ``r.final``."""
 
+    labels: list
+    measures: dict
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self.measures[name]
 

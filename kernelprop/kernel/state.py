@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,7 +18,7 @@ class Dependence:
     """
 
     kind: str
-    p: np.ndarray | None = None
+    p: np.ndarray = field(default_factory=lambda: np.zeros(0))
     headwise: bool = False
 
     @staticmethod

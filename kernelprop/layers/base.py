@@ -26,15 +26,15 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import NotSupportedError, SpecError
 from ..network import expressions
 
-Number = Union[float, int]
-Param = Union[float, int, expressions.Expr, str]   # a number, or a depth expression (parsed on construction)
+Number = float | int
+Param = float | int | expressions.Expr | str   # a number, or a depth expression (parsed on construction)
 
 # constraints a numeric field can carry in its metadata
 _CHECKS = {
@@ -86,6 +86,13 @@ def number_field(where: str, v) -> float | expressions.Expr:
     return float(v)
 
 
+def resolved(v: Param) -> float:
+    """The number a resolved layer holds in a numeric field (its rules run on resolved layers only)."""
+    if isinstance(v, (expressions.Expr, str)):
+        raise TypeError(f"the field value {v!s} is an unresolved expression: call layer.resolve(env) first")
+    return float(v)
+
+
 def refused(layer: Layer, rule: str, interpreter: str = "") -> NotSupportedError:
     """The error for a rule ``layer`` does not have, with its reason if the class gives one."""
     what = RULES.get(rule, rule)
@@ -122,7 +129,7 @@ class Layer:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
             if isinstance(v, expressions.Expr):
-                x = v(env)
+                x = v(env)  # type: ignore[arg-type]
                 check_number(f"{self.kind}.{f.name} = {v.text!r}", x, f.metadata["numeric"])
                 changes[f.name] = x
         return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]

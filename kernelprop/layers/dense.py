@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernel.state import ZERO
-from .base import Layer, Param, choice, num, register_layer
+from .base import Layer, Param, choice, num, register_layer, resolved
 
 
 @register_layer
@@ -27,9 +27,10 @@ class Dense(Layer):
 
     weight_var: Param = num(1.0, "nonneg", "σ_w²: weight variance times fan-in")
     bias_var: Param = num(0.0, "nonneg", "σ_b²: bias variance (one bias vector shared by all tokens)")
-    width_factor: Param = num(1.0, "positive", "output width as a multiple of the model width (Monte Carlo only)",
-                              kernel=False)
-    init: str = choice("gaussian", ("gaussian", "orthogonal"), "weight distribution (Monte Carlo only; same wide limit)")
+    width_factor: Param = num(1.0, "positive", kernel=False,
+                              doc="output width as a multiple of the model width (Monte Carlo only)")
+    init: str = choice("gaussian", ("gaussian", "orthogonal"),
+                       "weight distribution (Monte Carlo only; same wide limit)")
     kind = "dense"
 
     def kernel_map(self, s, ctx):
@@ -77,4 +78,4 @@ class Dense(Layer):
 
     def out_width(self, d: int) -> int:
         """The Monte Carlo output width ``round(width_factor · d)`` for model width d."""
-        return max(1, int(round(self.width_factor * d)))
+        return max(1, int(round(resolved(self.width_factor) * d)))

@@ -142,8 +142,8 @@ class GradientSimulation(Records):
 
     def grad_samples_per_block(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """``(blocks, per-seed sums (S, n_blocks))`` of the parameter-gradient norms of ``kind``."""
-        by = {}
-        for (label, l, path, k), v in self.grad_samples.items():
+        by: dict = {}
+        for (_label, l, _path, k), v in self.grad_samples.items():
             if k == kind:
                 by[l] = by.get(l, 0.0) + v
         ls = np.array(sorted(by), dtype=int)
@@ -242,9 +242,9 @@ def simulate_gradients(network: Network, inputs: Inputs, width: int, seeds: int 
     bplan = W.RecordPlan(network, "blocks", every)
     g_labels = [W.INPUT] + [r for r in map(bplan.after_unit, W.units(network)) if r is not None]
     facc = _Accumulator(len(fwd_labels), n, True)
-    fsamples = [[] for _ in fwd_labels]
+    fsamples: list = [[] for _ in fwd_labels]
     gacc = _Accumulator(len(g_labels), n, True)
-    gsamples = [[] for _ in g_labels]
+    gsamples: list = [[] for _ in g_labels]
     grad_samples: dict = {}
     batches = [list(range(s, min(seeds, s + batch))) for s in range(0, seeds, batch)]
     steps = max(1, 2 * len(units))      # forward and backward through every unit, reported in blocks as simulate
@@ -347,8 +347,9 @@ def _run(network, inputs, width, gens, bgens, pi_out, grad_draw, init, input_kin
             y, pulls = _unit(unit, x_in, ctx, None, None, taped=True)
             ref = outputs[u]
             if y.shape != ref.shape or not np.allclose(y, ref, rtol=1e-9, atol=1e-12 * float(np.abs(ref).max())):
-                raise RuntimeError(f"{unit.label}: the taped re-run differs from the sampler's forward pass "  # pragma: no cover
-                                   "(the backward pass would not see the simulated network)")
+                raise RuntimeError(  # pragma: no cover
+                    f"{unit.label}: the taped re-run differs from the sampler's forward pass "
+                    "(the backward pass would not see the simulated network)")
             saved[u] = outputs[u] = None
         unit_grads: list = []
         for pull in reversed(pulls):

@@ -44,7 +44,8 @@ class Network:
         params = dict(self.params)
         for k, v in params.items():
             if not k.isidentifier() or k in ("L", "l") or k in expressions.FUNCTIONS or k in expressions.CONSTANTS:
-                raise SpecError(f"params.{k}", v, "name must be an identifier other than L, l, pi, e and function names")
+                raise SpecError(f"params.{k}", v,
+                                "name must be an identifier other than L, l, pi, e and function names")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise SpecError(f"params.{k}", v, "must be a finite number")
         object.__setattr__(self, "params", params)

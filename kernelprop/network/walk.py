@@ -47,7 +47,7 @@ class Unit:
     @property
     def parts(self) -> tuple:
         """The layers applied one by one: a block's top-level layers, or the unit's own layer."""
-        return tuple(self.layer.layers) if self.section == "block" else (self.layer,)
+        return tuple(self.layer.children()) if self.section == "block" else (self.layer,)
 
     def part_label(self, i: int) -> str:
         """Where part ``i`` runs, for messages: ``"block 3 · 0:residual"`` or ``"stem · dense"``."""

@@ -18,7 +18,7 @@ import numpy as np
 from ...errors import NotSupportedError, SpecError
 from ...inputs import segment_slices
 from ...kernel.state import ZERO, Dependence
-from ..base import Layer, Param, choice, num, register_layer
+from ..base import Layer, Param, choice, num, register_layer, resolved
 from ..composite import axpy
 from . import matrices as MX
 
@@ -124,7 +124,8 @@ class Attention(Layer):
         return self.values == "identity" and self.projection == "identity"
 
     def kernel_fields(self):
-        used = {"alpha": self.matrix in ("value_skipinit", "shaped"), "beta": self.matrix in ("value_skipinit", "shaped"),
+        modified = self.matrix in ("value_skipinit", "shaped")
+        used = {"alpha": modified, "beta": modified,
                 "gamma": self.matrix == "shaped", "qk_var": self.scores != "uniform",
                 "alibi_scale": isinstance(self.bias, str), "value_var": self.values == "dense",
                 "out_var": self.projection == "dense"}
@@ -219,7 +220,7 @@ class Attention(Layer):
 
     def key_dim(self, w: int) -> int:
         """Query/key width per head in the Monte Carlo: ``round(key_width · w/H)``."""
-        return max(1, int(round(self.key_width * w / self.heads)))
+        return max(1, int(round(resolved(self.key_width) * w / self.heads)))
 
     def sample(self, x, ctx):
         from ...montecarlo import sampler as S

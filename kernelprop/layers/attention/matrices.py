@@ -234,6 +234,7 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
     whose weights add to 1 (the ``1/H`` head average). Random (``standard``) scores give one entry
     per head and draw, drawn from a generator seeded with ``seed`` (reproducible per layer).
     """
+    a: Mixing
     if layer.spa != "none":
         a = spa_mixing(layer, segments, cache)
         if layer.matrix == "value_skipinit":
@@ -277,10 +278,11 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
             for _ in range(n):
                 draws = [scale * f @ rng.standard_normal((len(f), len(f))) @ f.T for f in factors]
                 it = iter(draws)
-                a = blocks_of(segments, lambda sl, t: next(it), offsets[h])
+                a = blocks_of(segments, lambda sl, t: next(it), offsets[h])  # noqa: B023 (called here)
                 out.append((weight / n, _modified(layer, a, c)))
             continue
         if layer.scores == "uniform" and layer.attention == "softmax":
+            assert c is not None        # the zero-score matrix, made above
             a = c
         elif layer.scores == "uniform":  # identity attention at zero scores: the bias alone
             a = blocks_of(segments, lambda sl, t: np.zeros((t, t)), offsets[h])
