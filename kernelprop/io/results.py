@@ -82,23 +82,23 @@ def write(traj, path, spec_raw=None, extra=None) -> Path:
     if suffix == ".json":
         payload = json.dumps(to_dict(traj, spec_raw, extra), indent=1, default=_default).encode()
     elif suffix == ".csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
         w.writerow(["record", "label", "block", "measure", "position", "value"])
         w.writerows(tidy_rows(traj))
-        payload = buf.getvalue().encode()
+        payload = text.getvalue().encode()
     else:
         if traj.kernels is None:
             raise SpecError("output", str(path), ".npz holds the full kernels; run with kernels kept")
-        buf = io.BytesIO()
+        npz = io.BytesIO()
         arrays = {"kernels": traj.kernels, "means": traj.means, "labels": np.array(traj.labels),
                   "blocks": traj.blocks, "segments": np.array(traj.segments),
                   "meta": np.array(json.dumps({"versions": versions(), "spec": spec_raw,
                                                "input": traj.inputs.description, **(extra or {})},
                                               default=_default))}
         arrays.update({f"measure_{k}": v for k, v in traj.measures.items()})
-        np.savez_compressed(buf, **arrays)
-        payload = buf.getvalue()
+        np.savez_compressed(npz, **arrays)
+        payload = npz.getvalue()
     atomic_write(path, payload)
     return path
 

@@ -86,7 +86,7 @@ class _Job:
     shared: bool = False
 
 
-def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[float]] | None = None, *,
+def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[float] | np.ndarray] | None = None, *,
           measure: str | Sequence[str] = "cos_mean", depth: int | None = None, at: str = "block",
           spacing: Mapping[str, str] | None = None,
           progress: Callable[[int, int], None] | None = None) -> SweepResult:
@@ -138,7 +138,8 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
     plan.extend(_describe_plan(axes, kd, net0, make, jobs, shared_points, rerun_points, at))
 
     grid = {m: np.full(tuple(len(a.values) for a in axes), np.nan) for m in measures}
-    failures, runs, total = [], 0, len(jobs)
+    failures: list[str] = []
+    runs, total = 0, len(jobs)
     first_error = None
     for k, job in enumerate(jobs.values()):
         try:
@@ -370,10 +371,10 @@ def parse_param(item: str, log: bool = False) -> tuple[str, np.ndarray, str]:
                 spacing = "log" if parts.pop().strip().lower() == "log" else "linear"
             if len(parts) != 3:
                 raise ValueError
-            start, stop, n = float(parts[0]), float(parts[1]), parts[2].strip()
-            if not n.isdigit() or int(n) < 1:
-                raise SpecError("param", item, f"the number of points N = {n!r} must be a whole number >= 1")
-            n = int(n)
+            start, stop, count = float(parts[0]), float(parts[1]), parts[2].strip()
+            if not count.isdigit() or int(count) < 1:
+                raise SpecError("param", item, f"the number of points N = {count!r} must be a whole number >= 1")
+            n = int(count)
             if not (math.isfinite(start) and math.isfinite(stop)):
                 raise ValueError
             if spacing == "log":

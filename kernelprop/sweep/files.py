@@ -108,20 +108,20 @@ class SweepResult:
         path = Path(path)
         suffix = check_format(path)
         if suffix == ".csv":
-            buf = _io.StringIO()
-            buf.write(",".join([*self.names, "measure", "value"]) + "\n")
+            text = _io.StringIO()
+            text.write(",".join([*self.names, "measure", "value"]) + "\n")
             for r in self.rows():
-                buf.write(",".join([*(repr(v) for v in r[:-2]), r[-2], repr(r[-1])]) + "\n")
-            payload = buf.getvalue().encode()
+                text.write(",".join([*(repr(v) for v in r[:-2]), r[-2], repr(r[-1])]) + "\n")
+            payload = text.getvalue().encode()
         elif suffix == ".json":
             payload = json.dumps(self.to_dict(), indent=1, default=_default).encode()
         else:
-            buf = _io.BytesIO()
+            npz = _io.BytesIO()
             arrays = {"axis_names": np.array(self.names), "meta": np.array(json.dumps(self._meta(), default=_default))}
             arrays.update({f"axis_{a.name}": np.asarray(a.values) for a in self.axes})
             arrays.update({f"values_{m}": g for m, g in self.values.items()})
-            np.savez_compressed(buf, **arrays)
-            payload = buf.getvalue()
+            np.savez_compressed(npz, **arrays)  # type: ignore[arg-type]  # keys are array names, never allow_pickle
+            payload = npz.getvalue()
         atomic_write(path, payload)
         return path
 
@@ -205,11 +205,11 @@ def _load_csv(path) -> SweepResult:
     if header[-2:] != ["measure", "value"] or len(header) not in (3, 4) or header[0] == "record":
         raise SpecError("result", str(path), "is not a sweep (header must be NAME[,NAME2],measure,value)")
     names = header[:-2]
-    cols = [[] for _ in names]
+    cols: list[list[float]] = [[] for _ in names]
     rows = []
     for line in lines[1:]:
-        *xs, m, v = line.split(",")
-        xs = [float(x) for x in xs]
+        *cells, m, v = line.split(",")
+        xs = [float(x) for x in cells]
         for c, x in zip(cols, xs):
             if x not in c:
                 c.append(x)
