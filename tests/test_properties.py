@@ -40,7 +40,7 @@ LAYERS = {
     "uniform": Attention(heads=2),
     "causal": Attention(causal=True, value_var=2.0),
     "tied": Attention(scores="tied", qk_var=2.0),
-    "alibi": Attention(causal=True, bias="alibi", heads=3, **WF),
+    "alibi": Serial(Attention(causal=True, bias="alibi", heads=3, **WF), Dense()),
     "shaped": Attention(matrix="shaped", causal=True, scores="tied", **WF),
     "skipinit": Attention(matrix="value_skipinit", beta=0.5, **WF),
     "preln": Residual(LayerNorm(), Attention(causal=True, **WF), beta=0.8),

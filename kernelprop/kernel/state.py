@@ -49,11 +49,15 @@ UNKNOWN = Dependence("unknown")
 @dataclass(frozen=True, eq=False)
 class KernelState:
     """``sigma`` = Σ = X Xᵀ/d (N×N), ``mean`` = per-token feature mean m (N,), sequence lengths,
-    ``gaussian``: the features are i.i.d. zero-mean Gaussian (an activation map needs this),
+    ``gaussian``: the features are i.i.d. Gaussian around the token means (an activation map needs
+    this, and a zero mean),
     ``dep``: dependence on the input of the enclosing residual branch (None outside branches),
     ``quad_error``: accumulated error estimate of Σ (quadrature bounds, and the standard error of the
     score-draw average of ``scores="standard"`` attention),
-    ``width``: the stream's width as a multiple of the model width (for parameter-gradient norms).
+    ``width``: the stream's width as a multiple of the model width (for parameter-gradient norms),
+    ``head_blocks``: the features fall into per-head column blocks with different kernels (after a
+    weight-free attention whose heads have different biases) and Σ is their average; a map that is
+    not linear in Σ, or that mixes each block with its own head again, cannot act on the average.
     """
 
     sigma: np.ndarray
@@ -63,6 +67,7 @@ class KernelState:
     dep: Dependence | None = None
     quad_error: float = 0.0
     width: float = 1.0
+    head_blocks: bool = False
 
     def replace(self, **kw) -> KernelState:
         return replace(self, **kw)

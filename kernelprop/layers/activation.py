@@ -21,8 +21,10 @@ from ..kernel import activations
 from ..kernel.state import UNKNOWN
 from .base import Layer, Param, num, register_layer
 
-_NOT_GAUSSIAN = ("acts on a stream that is not Gaussian (it follows another activation or dropout without a "
-                 "Dense layer in between); its kernel map needs a zero-mean Gaussian input")
+_NOT_GAUSSIAN = ("acts on a stream that is not zero-mean Gaussian (it follows another activation or dropout "
+                 "without a Dense layer in between, or it carries a per-token mean: the input's `mean`, or a "
+                 "normalisation without centring); its kernel map needs a zero-mean Gaussian input: put a Dense "
+                 "layer or a centring LayerNorm before it")
 
 
 @register_layer
@@ -60,8 +62,13 @@ class Activation(Layer):
     # --- infinite width ------------------------------------------------------------------------
 
     def kernel_map(self, s, ctx):
-        if not s.gaussian:
+        if not s.gaussian or np.any(s.mean):
             raise NotSupportedError(f"{ctx.where}: activation {self.label!r} {_NOT_GAUSSIAN}")
+        if s.head_blocks and self.label != "identity":
+            raise NotSupportedError(
+                f"{ctx.where}: activation {self.label!r} acts on a stream whose head blocks have different kernels "
+                "(a weight-free attention with per-head biases came before it): the kernel of the average is not "
+                "the average of the kernels; put a Dense layer (or attention with value weights) in between")
         k, m, err = activations.activation_kernel(self.name, s.sigma, self.params, nodes=ctx.quad_nodes)
         c = self.scale
         dep = s.dep
@@ -118,7 +125,7 @@ class Activation(Layer):
         """``Σ'_ij = scale² E[φ(u_i)φ(u_j)]``, ``m'_i = scale E[φ(u_i)]`` on a zero-mean Gaussian stream."""
         from ..symbolic import activations as symbolic_activations
         from ..symbolic.maps import UNKNOWN as SUNKNOWN
-        if not s.gaussian:
+        if not s.gaussian or not s.mean.is_zero():
             raise NotSupportedError(f"{ctx.where}: activation {self.label!r} {_NOT_GAUSSIAN}")
         form = symbolic_activations.lookup(self, ctx.where, ctx.opaque)
         defaults = dict(activations.ACTIVATIONS[self.name].params) if not callable(self.name) else {}

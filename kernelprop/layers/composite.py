@@ -377,7 +377,8 @@ def combine(s: KernelState, alpha: float, outs, betas, ctx) -> KernelState:
     gaussian = s.gaussian and all(o.gaussian for o, b in zip(outs, betas) if b != 0)
     quad = alpha * alpha * s.quad_error + sum(b * b * o.quad_error for o, b in zip(outs, betas))
     dep = s.dep if s.dep is None else _compose(s.dep, alpha, [o.dep for o in outs], betas, s.n)
-    return s.replace(sigma=sigma, mean=mean, gaussian=gaussian, dep=dep, quad_error=quad)
+    head_blocks = s.head_blocks or any(o.head_blocks for o, b in zip(outs, betas) if b != 0)
+    return s.replace(sigma=sigma, mean=mean, gaussian=gaussian, dep=dep, quad_error=quad, head_blocks=head_blocks)
 
 
 def _compose(outer: Dependence, alpha, inner, betas, n) -> Dependence:

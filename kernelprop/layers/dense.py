@@ -36,7 +36,7 @@ class Dense(Layer):
     def kernel_map(self, s, ctx):
         sigma = self.weight_var * s.sigma + self.bias_var
         out = s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
-                        width=self.width_factor)
+                        width=self.width_factor, head_blocks=False)
         path, sig_in, width_in, w = ctx.path, s.sigma, s.width, self.weight_var
 
         def back(pi, grads):

@@ -141,6 +141,13 @@ class Attention(Layer):
 
     def kernel_map(self, s, ctx):
         heads = self.mixings(s.sigma, s.segments, ctx)
+        distinct = self.values == "identity" and _head_dependent(self, heads)
+        if s.head_blocks and distinct:
+            raise NotSupportedError(
+                f"{ctx.where}: a weight-free multi-head attention with per-head biases acts on a stream it (or "
+                "another such layer) already split into head blocks: head h would mix its own column block again, "
+                "which the averaged kernel cannot describe; put a Dense layer or attention with value weights in "
+                "between, or give every head the same bias")
         err = 0.0
         if self.scores == "standard":   # Monte Carlo over the scores: mean and its standard error
             draws = np.stack([m.kernel(s.sigma) for _, m in heads])
@@ -164,13 +171,14 @@ class Attention(Layer):
                                             "matrices in one residual branch; give the heads identical biases")
                 p = sum(w * m.left(dep.matrix(s.n)) for w, m in heads)
                 dep = Dependence("dense", p, headwise=dep.headwise or len(heads) > 1)
-            return s.replace(sigma=sigma, mean=mean, dep=dep, quad_error=s.quad_error + err), back
+            return s.replace(sigma=sigma, mean=mean, dep=dep, quad_error=s.quad_error + err,
+                             head_blocks=s.head_blocks or distinct), back
         scale = (self.value_var if self.values == "dense" else 1.0) * \
                 (self.out_var if self.projection == "dense" else 1.0)
         if scale != 1.0:
             sigma *= scale
         return s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
-                         width=1.0, quad_error=scale * (s.quad_error + err)), back
+                         width=1.0, quad_error=scale * (s.quad_error + err), head_blocks=False), back
 
     def _backward(self, heads, sigma, segments, path):
         """The backward rule over the forward's own mixings (docs/theory.md §11).
@@ -180,7 +188,9 @@ class Attention(Layer):
         """
         def back(pi, grads):
             out = sum(w * m.kernel_t(pi) for w, m in heads)
-            if self.weight_free:
+            if self.weight_free:   # y = M x: no weights of its own, but 1/sqrt(d_k) scores still send O(1) back
+                if self.scores == "standard" and self.attention == "softmax":
+                    out = out + self.qk_var * score_terms(heads, sigma, pi, True)[1]
                 return out
             sv = self.value_var if self.values == "dense" else 1.0
             so = self.out_var if self.projection == "dense" else 1.0
@@ -446,6 +456,16 @@ class Attention(Layer):
                 a = m
             out.append((weight, a))
         return out
+
+
+def _head_dependent(layer, heads) -> bool:
+    """Whether the heads mix tokens differently for a fixed kernel (per-head biases: ALiBi or an H×T×T
+    array). Random standard scores do not count (every head draws from the same law), nor shaped
+    attention at zero scores, ``αI + β C_h − γ C_h = αI`` for β = γ."""
+    if layer.heads == 1 or layer.bias is None or (not isinstance(layer.bias, str) and layer.bias.ndim == 2):
+        return False
+    same = [isinstance(m, MX.Combination) and m.a is m.c and m.beta == m.gamma for _, m in heads]
+    return not all(same)
 
 
 def _heads(a, b, t, h):

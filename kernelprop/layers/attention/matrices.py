@@ -260,7 +260,9 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
     bias_key = id(layer.bias) if isinstance(layer.bias, np.ndarray) else layer.bias
     if layer.scores == "standard":
         distinct = [(1.0 / layer.heads, h) for h in range(layer.heads)]
-        factors = [_sqrt_factor(sigma[sl, sl]) for sl in segment_slices(segments)]
+        # W_Q, W_K are shared by every sequence of the batch: draw the scores of all tokens together,
+        # S = σ_qk F Z Fᵀ with F Fᵀ = Σ over the whole batch, and keep each sequence's diagonal block
+        factor = _sqrt_factor(sigma)
         rng = np.random.default_rng([*seed, 7919])
         scale = np.sqrt(layer.qk_var)
     out = []
@@ -276,9 +278,8 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
         if layer.scores == "standard":
             n = layer.score_samples
             for _ in range(n):
-                draws = [scale * f @ rng.standard_normal((len(f), len(f))) @ f.T for f in factors]
-                it = iter(draws)
-                a = blocks_of(segments, lambda sl, t: next(it), offsets[h])  # noqa: B023 (called here)
+                full = scale * factor @ rng.standard_normal((len(factor), len(factor))) @ factor.T
+                a = blocks_of(segments, lambda sl, t: full[sl, sl], offsets[h])  # noqa: B023 (called here)
                 out.append((weight / n, _modified(layer, a, c)))
             continue
         if layer.scores == "uniform" and layer.attention == "softmax":
@@ -301,9 +302,13 @@ def _modified(layer, a, c):
 
 
 def _sqrt_factor(s):
-    """F with F Fᵀ = Σ for PSD Σ (symmetric square root; works for singular, collapsed kernels)."""
+    """F with F Fᵀ = Σ for PSD Σ (symmetric square root; works for singular, collapsed kernels).
+
+    Eigenvalues below N·ε·λ_max are rounding noise of a singular Σ and are set to 0, so repeated
+    tokens (or sequences) keep identical rows of F."""
     w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    w = np.where(w > len(w) * np.finfo(float).eps * max(w[-1], 0.0), w, 0.0)
+    return (v * np.sqrt(w)) @ v.T
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Corners where a map used to be silently wrong; each test fails on the earlier engine.
+
+1. Standard 1/sqrt(d_k) scores with several sequences: W_Q, W_K are shared by the batch, so the
+   scores of different sequences are correlated (drawn from the full N×N kernel).
+2. The backward pass through weight-free attention with standard scores keeps the O(1) score path.
+3. Weight-free multi-head attention whose heads differ (per-head ALiBi) twice in a row: refused,
+   never an averaged kernel that the network does not have.
+4. An activation on a stream with a non-zero mean: refused, never the zero-mean kernel.
+"""
+
+import numpy as np
+import pytest
+
+import kernelprop as kp
+from kernelprop import inputs as I
+from kernelprop import montecarlo as mc
+from kernelprop.errors import NotSupportedError
+from kernelprop.layers import Activation, Attention, Dense, LayerNorm, Residual, RMSNorm
+
+WF = dict(values="identity", projection="identity")
+EQ = I.equicorrelated(6, 1.0, 0.2)
+
+
+def test_two_identical_sequences_get_identical_blocks_under_standard_scores():
+    """Identical sequences see the same W_Q, W_K: within- and cross-sequence blocks are equal
+    (before: 0.11 apart after two layers, cosine 0.88 between a token and its copy)."""
+    one = I.equicorrelated(4, 1.0, 0.3)
+    two = I.gram(np.kron(np.ones((2, 2)), one.sigma), sequences=[4, 4])
+    net = kp.Network(block=[LayerNorm(), Attention(heads=2, scores="standard", qk_var=2.0)], depth=2)
+    k = kp.propagate(net, two).kernels[-1]
+    np.testing.assert_allclose(k[:4, :4], k[4:, 4:], atol=1e-13)
+    np.testing.assert_allclose(k[:4, :4], k[:4, 4:], atol=1e-13)
+
+
+def test_standard_scores_with_correlated_sequences_agree_with_the_monte_carlo():
+    x = I.equicorrelated(4, 1.0, 0.3, sequences=2, cross_rho=0.25)
+    net = kp.Network(block=[LayerNorm(), Attention(heads=2, scores="standard", qk_var=3.0, score_samples=256)],
+                     depth=2)
+    cmp, *_ = mc.check(net, x, 256, 24)
+    assert cmp.agree, (cmp.criterion(), cmp.failures[:3])
+
+
+def test_weight_free_standard_score_backward_keeps_the_score_path():
+    """Before: Π at the input 0.637 (mixing term only); simulated 1.25 ± 0.06; now 1.238."""
+    net = kp.Network(stem=[Dense()], block=[Attention(scores="standard", qk_var=4.0, causal=True, **WF)],
+                     final=[Dense()], depth=1)
+    g = kp.backpropagate(net, EQ)
+    assert g["grad_q_mean"][0] > 1.1
+    cmp, *_ = mc.check(net, EQ, 256, 24, gradients=True)
+    assert cmp.agree, (cmp.criterion(), cmp.failures[:3])
+
+
+def test_weight_free_heads_with_different_biases_twice_in_a_row_are_refused():
+    layer = Attention(heads=2, bias="alibi", alibi_scale=4.0, **WF)
+    with pytest.raises(NotSupportedError, match="head blocks"):
+        kp.propagate(kp.Network(block=[layer], depth=2), EQ)
+    with pytest.raises(NotSupportedError, match="head blocks"):
+        kp.propagate(kp.Network(block=[layer, Activation("relu")], depth=1), EQ)
+    # a feature-mixing layer in between makes the stream one block again
+    kp.propagate(kp.Network(block=[layer, Dense()], depth=3), EQ)
+    # shaped attention at init is α·I in every head: nothing differs, nothing to refuse
+    kp.propagate(kp.Network(block=[Attention(matrix="shaped", bias="alibi", heads=4, **WF)], depth=3), EQ)
+
+
+def test_the_head_blocks_are_real():
+    """The per-head composition (1/H) Σ_h A_h A_h Σ A_hᵀ A_hᵀ is what the network computes; the
+    averaged kernel the engine used to return is rejected by the simulation's criterion."""
+    x = I.identity(6)
+    layer = Attention(heads=2, bias="alibi", alibi_scale=8.0, causal=True, **WF)
+    one = kp.propagate(kp.Network(block=[layer], depth=1), x)
+    sim = mc.simulate(kp.Network(block=[layer], depth=2), x, 1024, 16, seed=3)
+    from kernelprop.layers.attention import head_mixings
+    heads = head_mixings(layer, x.sigma, x.segments)
+    a = [m.dense() for _, m in heads]
+    per_head = sum(w * ah @ ah @ x.sigma @ ah.T @ ah.T for (w, _), ah in zip(heads, a))
+    averaged = sum(w * ah @ one.kernels[-1] @ ah.T for (w, _), ah in zip(heads, a))
+    se = sim.kernel_stderr[-1]
+    assert np.max(np.abs(sim.kernels[-1] - per_head) / (se + 1e-12)) < 6
+    assert np.max(np.abs(sim.kernels[-1] - averaged) / (se + 1e-12)) > 6
+
+
+def test_an_activation_on_a_stream_with_a_mean_is_refused():
+    """Before: relu on an input with mean 0.5 returned Σ'_01 = 0.324 (the zero-mean formula); the
+    network's value is 0.583."""
+    x = I.Inputs(EQ.sigma + 0.25, EQ.segments, mean=np.full(6, 0.5))
+    for block in ([Activation("relu")], [RMSNorm(), Activation("relu")]):
+        with pytest.raises(NotSupportedError, match="not zero-mean Gaussian"):
+            kp.propagate(kp.Network(block=block, depth=1), x)
+    ok = kp.Network(block=[LayerNorm(), Activation("relu"), Dense()], depth=2)   # centring removes the mean
+    cmp, *_ = mc.check(ok, x, 256, 16)
+    assert cmp.agree, cmp.failures[:3]
