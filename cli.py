@@ -7,7 +7,7 @@ import contextlib
 import functools
 import inspect
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, TypedDict
 
 import typer
 from rich.console import Console
@@ -37,13 +37,13 @@ def _errors():
         if e.field in _FLAGS:
             e = SpecError(_FLAGS[e.field], e.value, e.allowed)
         err.print(f"[red]spec error:[/red] {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except NotSupportedError as e:
         err.print(f"[red]not supported:[/red] {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except NumericalError as e:
         err.print(f"[red]numerical failure:[/red] {e}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def _preset_options(scores_flag: str = "--scores", named: bool = True):
@@ -53,7 +53,7 @@ def _preset_options(scores_flag: str = "--scores", named: bool = True):
     ``scores_flag``: the option name of the preset's attention scores (``--preset-scores`` where
     ``--scores`` already overrides the simulation's). ``named=False``: the options only (no ``--preset``)."""
     O = typer.Option
-    options = [
+    options: list[tuple[str, object, Any]] = [
         ("tokens", int, O(32, "--tokens", help="Preset input: tokens T.")),
         ("rho", float, O(0.1, "--rho", help="Preset input: correlation of distinct tokens.")),
         ("heads", int, O(4, "--heads", help="Preset: attention heads.")),
@@ -64,7 +64,8 @@ def _preset_options(scores_flag: str = "--scores", named: bool = True):
     ]
     if named:
         options.insert(0, ("name", Optional[str], O(None, "--preset", "-p",
-                                                    help="Run a named preset instead of a spec (see `kernelprop presets`).")))
+                                                    help="Run a named preset instead of a spec "
+                                                         "(see `kernelprop presets`).")))
 
     def decorate(command):
         sig = inspect.signature(command, eval_str=True)
@@ -267,7 +268,8 @@ def simulate(
     preset: Optional[str] = None,
     options=None,
 ):
-    """Run SPEC (or --preset NAME) as finite-width numpy networks over many seeds; print seed means ± standard errors."""
+    """Run SPEC (or --preset NAME) as finite-width numpy networks over many seeds; \
+print seed means ± standard errors."""
     with _errors():
         from kernelprop import io
         from kernelprop import montecarlo as mc
@@ -284,6 +286,14 @@ def simulate(
         if output is not None:
             mc.write(sim, output, spec_raw=s.raw)
             err.print(f"wrote {output}")
+
+
+class _GradientOptions(TypedDict, total=False):
+    """The backward-pass keywords ``check --gradients`` passes to :func:`kernelprop.montecarlo.check`."""
+
+    gradients: bool
+    output_grad: str
+    rho: float
 
 
 @app.command()
@@ -323,7 +333,7 @@ def check(
             from kernelprop.errors import SpecError
             raise SpecError("--alpha", alpha, "must lie in (0, 1)")
         s = _load(spec, preset, options, depth, set_)
-        extra = dict(gradients=True, output_grad=output_grad, rho=grad_rho) if gradients else {}
+        extra: _GradientOptions = {"gradients": True, "output_grad": output_grad, "rho": grad_rho} if gradients else {}
         cmp, *_ = _with_progress(lambda cb: mc.check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
@@ -345,10 +355,12 @@ def check(
 @app.command()
 def symbolic(
     spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example."),
-    explicit: Optional[int] = typer.Option(None, "--explicit", "-T", help="Explicit T×T kernels for T tokens (small T) instead of (q, ρ)."),
+    explicit: Optional[int] = typer.Option(None, "--explicit", "-T", help="Explicit T×T kernels for T tokens "
+                                           "(small T) instead of (q, ρ)."),
     latex: bool = typer.Option(False, "--latex", help="Print LaTeX instead of text."),
     code: bool = typer.Option(False, "--code", help="Print the lambdified numpy source of the block map."),
-    symbol: List[str] = typer.Option([], "--symbol", "-s", help="Make numeric fields symbols: FIELD or PATH[=NAME], e.g. value_var or block[0].beta=b (repeatable)."),
+    symbol: List[str] = typer.Option([], "--symbol", "-s", help="Make numeric fields symbols: FIELD or PATH[=NAME], "
+                                     "e.g. value_var or block[0].beta=b (repeatable)."),
     opaque: bool = typer.Option(False, help="Keep activations without closed form as numerically evaluated functions."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the spec's depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param: NAME=NUMBER (repeatable)."),
@@ -418,11 +430,11 @@ def sweep_command(
             err.print(f"[dim]{line}[/dim]", highlight=False)
         for line in res.failures:
             err.print(f"[yellow]failed:[/yellow] {line}", highlight=False)
-        payload = render(phase_diagram(res), fig_format) if fig_path is not None else None
+        payload = render(phase_diagram(res), fig_format) if fig_format is not None else None
         if output is not None:
             res.write(output)
             err.print(f"wrote {output}")
-        if fig_path is not None:
+        if fig_path is not None and payload is not None:
             atomic_write(fig_path, payload)
             err.print(f"wrote {fig_path}")
 
