@@ -89,11 +89,11 @@ MOMENTS = ("mu", "var", "r", "var_g", "r_g")
 class Moments(NamedTuple):
     """The forward triplet and backward pair of one signal (floats or broadcast arrays)."""
 
-    mu: object
-    var: object
-    r: object
-    var_g: object
-    r_g: object
+    mu: float | np.ndarray
+    var: float | np.ndarray
+    r: float | np.ndarray
+    var_g: float | np.ndarray
+    r_g: float | np.ndarray
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -856,7 +856,8 @@ def moment_errors(formula: Moments, sim: Moments, stderr: Moments | None = None)
     ``max(|μ'_sim|, σ'_sim)`` (the output's natural scale); ``r``, ``r_g`` — absolute (a correlation
     is already dimensionless; this equals Kedia's covariance error divided by the variance).
     """
-    scale = Moments(max(abs(sim.mu), math.sqrt(max(sim.var, 0.0))), abs(sim.var), 1.0, abs(sim.var_g), 1.0)
+    mu, var, var_g = float(sim.mu), float(sim.var), float(sim.var_g)   # one point: scalar moments
+    scale = [max(abs(mu), math.sqrt(max(var, 0.0))), abs(var), 1.0, abs(var_g), 1.0]
     err = Moments(*[abs(float(f) - float(s)) / c for f, s, c in zip(formula, sim, scale)])
     se = None if stderr is None else Moments(*[float(e) / c for e, c in zip(stderr, scale)])
     return err, se
@@ -888,12 +889,12 @@ def compare(name, mu=0.0, var=1.0, r=0.0, *, var_g=1.0, r_g=0.0, width=256, toke
                    seed=seed, **sim_params)
     q = {k: v for k, v in sim.settings.items() if k in comp.params}
     q.update({k: v for k, v in params.items() if k in comp.options})
-    f = predict(name, mu, var, r, var_g=var_g, r_g=r_g, **q)
-    f = Moments(*[float(x) for x in f])
+    values = [float(x) for x in predict(name, mu, var, r, var_g=var_g, r_g=r_g, **q)]
+    f = Moments(*values)
     err, se = moment_errors(f, sim.value, sim.stderr)
     # an SE at round-off level (e.g. LayerNorm's σ'² = 1 exactly) gets a floor of 1e-10 relative
     z = Moments(*[(a - b) / max(e, 1e-10 * max(abs(a), abs(b), 1e-300))
-                  for a, b, e in zip(f, sim.value, sim.stderr)])
+                  for a, b, e in zip(values, map(float, sim.value), map(float, sim.stderr))])
     point = {"mu": mu, "var": var, "r": r, "var_g": var_g, "r_g": r_g, "width": width, "tokens": tokens,
              **params}
     return Comparison(point, f, sim, err, se, z)
