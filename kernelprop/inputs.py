@@ -30,9 +30,9 @@ class Inputs:
 
     sigma: np.ndarray
     segments: tuple
-    mean: np.ndarray = None
+    mean: np.ndarray = None  # type: ignore[assignment]  # None: zero mean; always an array after __post_init__
     description: str = ""
-    token_ids: tuple = field(default=None)
+    token_ids: tuple[tuple[int, ...], ...] | None = field(default=None)
 
     def __post_init__(self):
         s = np.array(self.sigma, dtype=np.float64)
@@ -154,8 +154,8 @@ def tokens(ids, q: float = 1.0, rho: float = 0.0) -> Inputs:
             flat.append(int(t))
     if not (isinstance(rho, (int, float)) and 0 <= rho <= 1):
         raise SpecError("input.rho", rho, "must lie in [0, 1] for an embedding table")
-    flat = np.array(flat)
-    same = flat[:, None] == flat[None, :]
+    ids_array = np.array(flat)
+    same = ids_array[:, None] == ids_array[None, :]
     s = q * np.where(same, 1.0, rho)
     return Inputs(s, tuple(len(x) for x in seqs), description=f"tokens N={len(flat)} vocab={len(set(flat))}",
                   token_ids=tuple(tuple(int(t) for t in x) for x in seqs))
