@@ -109,6 +109,9 @@ def sweep_model(spec=None, preset_name: str | None = None, *, depth: int | None 
     sweepable) on ``options.inputs()`` at ``depth`` (default 48) when L is not swept."""
     if spec is not None:
         return load(spec, depth=depth, overrides=overrides), None, depth
+    if preset_name is None:   # the error the builder would raise when the sweep first calls it
+        from .methods.presets import PRESETS
+        raise SpecError("preset", None, f"must be one of {sorted(PRESETS)}")
     builder = preset_builder(preset_name, overrides=overrides, options=options)
     return builder, options.inputs(), DEFAULT_DEPTH if depth is None else depth
 

@@ -81,7 +81,7 @@ def hermite_rule(n: int) -> tuple[np.ndarray, np.ndarray]:
             z, w = np.polynomial.hermite_e.hermegauss(n)
         if not (np.all(np.isfinite(z)) and np.all(np.isfinite(w))):
             z = w = None
-    if z is None:
+    if z is None or w is None:
         from scipy.special import roots_hermitenorm
 
         z, w = roots_hermitenorm(n)

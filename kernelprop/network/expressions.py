@@ -59,12 +59,13 @@ def parse(text: str, field: str = "expression", known: frozenset | set | None = 
     except SyntaxError:
         raise SpecError(field, text, "does not parse as an arithmetic expression "
                         "(use numbers, + - * / **, sqrt/exp/log, L for depth, l for block index)") from None
-    names = set()
+    names: set[str] = set()
     _check(tree, field, text, names)
-    unknown = set() if known is None else names - {"L", "l"} - set(CONSTANTS) - set(known)
-    if unknown:
-        raise SpecError(field, text, f"uses unknown name(s) {sorted(unknown)}; allowed are L (depth), "
-                        f"l (block index, 1-based), pi, e and the params {sorted(known) or '(none defined)'}")
+    if known is not None:
+        unknown = names - {"L", "l"} - set(CONSTANTS) - set(known)
+        if unknown:
+            raise SpecError(field, text, f"uses unknown name(s) {sorted(unknown)}; allowed are L (depth), "
+                            f"l (block index, 1-based), pi, e and the params {sorted(known) or '(none defined)'}")
     return Expr(str(text).strip(), frozenset(names))
 
 

@@ -73,7 +73,8 @@ def loads(text: str, *, base=".", depth=None, params=None, path=None) -> Spec:
 def from_dict(raw: dict, *, base=".", depth=None, params=None, path=None) -> Spec:
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise SpecError(sorted(unknown)[0], raw[sorted(unknown)[0]], f"is not a spec field; allowed: {sorted(TOP_KEYS)}")
+        raise SpecError(sorted(unknown)[0], raw[sorted(unknown)[0]],
+                        f"is not a spec field; allowed: {sorted(TOP_KEYS)}")
     if "block" not in raw and "stem" not in raw:
         raise SpecError("block", None, "a spec needs [[block]] layers (repeated `depth` times) or [[stem]] layers")
     d = raw.get("depth", 1) if depth is None else depth
@@ -172,7 +173,8 @@ def _composite(kind, t, where):
 
 def _inputs(t, base: Path) -> I.Inputs:
     if t is None:
-        raise SpecError("input", None, "a spec needs an [input] table (kind = identity | equicorrelated | gram | tokens)")
+        raise SpecError("input", None,
+                        "a spec needs an [input] table (kind = identity | equicorrelated | gram | tokens)")
     if not isinstance(t, dict):
         raise SpecError("input", t, "must be a table")
     t = dict(t)
@@ -195,7 +197,8 @@ def _inputs(t, base: Path) -> I.Inputs:
         x = I.tokens(t["ids"], t.get("q", 1.0), t.get("rho", 0.0))
     else:
         if ("matrix" in t) == ("file" in t):
-            raise SpecError("input.matrix", None, "a gram input needs exactly one of matrix = [[...]] or file = \"x.npy\"")
+            raise SpecError("input.matrix", None,
+                            "a gram input needs exactly one of matrix = [[...]] or file = \"x.npy\"")
         if "file" in t:
             f = base / t["file"]
             try:
@@ -209,5 +212,5 @@ def _inputs(t, base: Path) -> I.Inputs:
                 raise SpecError("input.matrix", t["matrix"], "must be a square array of numbers") from None
         x = I.gram(m, t.get("sequences"))
     if pos and pos.get("positional", "none") != "none":
-        x = x.with_positional(pos.get("positional"), pos.get("positional_var", 1.0), pos.get("positional_dim", 512))
+        x = x.with_positional(pos["positional"], pos.get("positional_var", 1.0), pos.get("positional_dim", 512))
     return x
