@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,7 +109,7 @@ class Comparison:
 
     def worst(self) -> dict:
         """Per (record, measure) the row with the largest |z| (kernel entries and means collapsed)."""
-        out = {}
+        out: dict[tuple[int, str], Row] = {}
         for row in self.rows:
             key = (row.record, row.measure)
             if key not in out or _zkey(row) > _zkey(out[key]):
@@ -223,7 +224,8 @@ def _relative_engine_error(theory) -> float:
 
 def _gradient_raw(theory, sim, half, atol, rtol):
     if list(theory.labels) != list(sim.labels) or (half is not None and list(half.labels) != list(sim.labels)):
-        raise KernelpropError("the gradient simulation was recorded at other points than the theory; use the same every")
+        raise KernelpropError("the gradient simulation was recorded at other points than the theory; "
+                              "use the same every")
     if theory.kernels is None or sim.kernels is None:
         raise KernelpropError("compare_gradients needs the gradient kernels of both (keep_kernels=True)")
     ab = _pair(sim, half)
@@ -348,7 +350,8 @@ def check(network, inputs, width: int, seeds: int = 32, *, extrapolate: bool = T
     comparison judges forward and gradient rows with one k (``comparison.parts``: "forward", "gradients").
     """
     from ..kernel.propagate import propagate
-    from .simulate import _check_int, _check_seed, simulate
+    from .backward import GradientSimulation
+    from .simulate import Simulation, _check_int, _check_seed, simulate
     _check_int("seeds", seeds, 2)   # a standard error needs two seeds
     _check_seed(seed)
     _check_alpha(alpha)
@@ -364,6 +367,7 @@ def check(network, inputs, width: int, seeds: int = 32, *, extrapolate: bool = T
     theory = propagate(network, inputs, record=record, every=every, keep_kernels=True, spectral=spectral,
                        quad_nodes=quad_nodes)
     common = dict(record=record, every=every, spectral=spectral, dong=False, **sim_options)
+    run: Callable[..., Simulation | GradientSimulation]   # simulate, or simulate_gradients with Π_L bound
     if gradients:
         from ..kernel.backward import backpropagate
         from .backward import simulate_gradients
@@ -387,6 +391,7 @@ def check(network, inputs, width: int, seeds: int = 32, *, extrapolate: bool = T
     main = run(network, inputs, width, seeds, seed=np.random.SeedSequence([seed, 0]), progress=progress, **common)
     if not gradients:
         return compare(theory, main, half, alpha=alpha), theory, main, half
+    assert isinstance(main, GradientSimulation) and (half is None or isinstance(half, GradientSimulation))
     fwd_raw = _forward_raw(theory, main.forward, None if half is None else half.forward, ATOL, RTOL)
     grad_raw, grad_labels = _gradient_raw(gtheory, main, half, ATOL, RTOL)
     fwd, grad = _judge([(fwd_raw, list(theory.labels)), (grad_raw, grad_labels)], main, half, alpha)
