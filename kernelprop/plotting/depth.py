@@ -36,8 +36,8 @@ def series(traj, measure: str, position: int | None = None):
     """``(depth, values, stderr or None)`` of ``measure`` at every block record of ``traj``.
 
     ``traj`` is anything with ``labels`` and ``measures`` (a :class:`~kernelprop.Trajectory`, a
-    simulation result, a result read from a file; its ``records`` pick the blocks when it has them); if it also has ``stderr[measure]`` or a measure ``<measure>_se``, that is
-    returned as the standard error.
+    simulation result, a result read from a file; its ``records`` pick the blocks when it has them); if it
+    also has ``stderr[measure]`` or a measure ``<measure>_se``, that is returned as the standard error.
     """
     if measure not in traj.measures:
         raise SpecError("measure", measure, f"must be one of {sorted(traj.measures)}")
@@ -113,7 +113,8 @@ def depth_plot(trajectories, measure: str = "cos_mean", *, ax=None, labels: Sequ
             ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
-        colors, used = {}, 0
+        colors: dict[str, str] = {}     # curve label -> its colour
+        used = 0
         curves = []
         for label, traj in theory:
             depth, vals, se = series(traj, measure, position)
@@ -144,8 +145,9 @@ def depth_plot(trajectories, measure: str = "cos_mean", *, ax=None, labels: Sequ
             for j, (label, triple) in enumerate(sims):
                 if len(triple) != 3:
                     raise SpecError("simulations", label, "each entry must be (depth, mean, stderr) arrays")
-                color = colors.get(label)
-                if color is None:
+                if label in colors:
+                    color = colors[label]
+                else:
                     color = style.COLORS[used % len(style.COLORS)]
                     used += 1
                 errorbars(ax, *triple, label=f"{label} (simulation), ±{z:g} s.e.", color=color,

@@ -59,7 +59,8 @@ def read(path):
     except SpecError:
         raise
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise SpecError("path", str(path), f"cannot be read as a kernelprop result ({type(exc).__name__}: {exc})") from None
+        raise SpecError("path", str(path),
+                        f"cannot be read as a kernelprop result ({type(exc).__name__}: {exc})") from None
 
 
 def _read_npz(path):
@@ -206,7 +207,7 @@ def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=
         raise SpecError("kind", kind, "a sweep is drawn as a phase diagram; plot it on its own")
     curves = {}
     ylabel = None
-    for p, k, data in read_:
+    for _, k, data in read_:
         items = data.items() if k == "compare" else [(data.name, data)]
         for name, rec in items:
             key = name

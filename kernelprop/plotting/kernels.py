@@ -39,9 +39,10 @@ def kernel_records(source) -> dict:
         blocks = np.asarray(source.get("blocks", np.arange(len(kernels))))
         segments = tuple(int(t) for t in source.get("segments", [kernels.shape[-1]]))
     else:
-        kernels = getattr(source, "kernels", None)
-        if kernels is None:
+        kept = getattr(source, "kernels", None)
+        if kept is None:
             raise SpecError("kernels", type(source).__name__, "has no kernels: propagate with keep_kernels=True")
+        kernels = kept
         labels, blocks, segments = list(source.labels), np.asarray(source.blocks), tuple(source.segments)
     if kernels.ndim != 3 or kernels.shape[1] != kernels.shape[2]:
         raise SpecError("kernels", f"array of shape {kernels.shape}", "must be (records, N, N)")
@@ -67,7 +68,7 @@ def pick_depths(rec: dict, depths=None, most: int = 4) -> list[tuple[int, str]]:
                 d_int = int(d)
             except (TypeError, ValueError):
                 d_int = None
-            hit = np.flatnonzero(depth == d_int) if d_int is not None else []
+            hit: np.ndarray | list[int] = np.flatnonzero(depth == d_int) if d_int is not None else []
             if len(hit) == 0:
                 raise SpecError("depths", d, f"is not a recorded block; recorded: {_ranges(depth)} "
                                 f"(0 = input)")
@@ -79,9 +80,10 @@ def pick_depths(rec: dict, depths=None, most: int = 4) -> list[tuple[int, str]]:
 def _ranges(values) -> str:
     """``"0-32"`` or ``"0, 4-8, 16"``: a compact list of whole numbers."""
     out, vals = [], sorted(set(int(v) for v in values))
-    start = prev = None
-    for v in vals + [None]:
-        if start is not None and (v is None or v != prev + 1):
+    start: int | None = None
+    prev: int | None = None
+    for v in [*vals, None]:
+        if start is not None and prev is not None and (v is None or v != prev + 1):
             out.append(str(start) if start == prev else f"{start}-{prev}")
             start = None
         if v is not None and start is None:
@@ -131,6 +133,7 @@ def kernel_heatmaps(source, depths=None, *, ax=None, cosine: bool = True, cmap: 
         cmap, vmin, vmax = (cmap or "RdBu_r", -m, m) if lo < -1e-9 * m else (cmap or "viridis", 0.0, hi)
         label = r"kernel $\Sigma_{ij}$"
     with style.paper_style():
+        axes: np.ndarray | list     # a grid of new axes, or the ones given
         if ax is None:
             import matplotlib.pyplot as plt
             rows, cols = _grid(len(picks))
@@ -148,8 +151,8 @@ def kernel_heatmaps(source, depths=None, *, ax=None, cosine: bool = True, cmap: 
             fig = axes[0].figure
         n = mats[0].shape[0]
         cols = _grid(len(picks))[1] if ax is None else len(axes)
-        for i, (a, m, (_, title)) in enumerate(zip(axes, mats, picks)):
-            im = a.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", origin="upper",
+        for i, (a, mat, (_, title)) in enumerate(zip(axes, mats, picks)):
+            im = a.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", origin="upper",
                           extent=(-0.5, n - 0.5, n - 0.5, -0.5))
             a.grid(False)
             a.set_title(title, pad=2)
@@ -196,7 +199,7 @@ def spectrum_plot(source, depths=None, *, ax=None, normalise: bool = True, segme
             lam = np.sort(np.linalg.eigvalsh(k))[::-1]
             if normalise:
                 lam = lam / np.trace(k)
-            low = floor * (1.0 if normalise else np.trace(k))
+            low = floor * (1.0 if normalise else float(np.trace(k)))
             clipped = clipped or bool(np.any(lam < low))
             lam = np.clip(lam, low, None)
             ax.plot(np.arange(1, len(lam) + 1), lam, color=color, linestyle=ls, marker=".", markersize=2.5,
@@ -206,6 +209,7 @@ def spectrum_plot(source, depths=None, *, ax=None, normalise: bool = True, segme
             ax.axhline(low, color="0.45", lw=0.8, ls=":", zorder=0,
                        label=f"rounding ({style._plain(floor)}" + r"$\,$tr$\,\Sigma$)")
         ax.set_xlabel("eigenvalue index $k$ (decreasing)")
-        ax.set_ylabel(r"eigenvalue $\lambda_k/\mathrm{tr}\,\Sigma$" if normalise else r"eigenvalue $\lambda_k$ of $\Sigma$")
+        ax.set_ylabel(r"eigenvalue $\lambda_k/\mathrm{tr}\,\Sigma$" if normalise
+                      else r"eigenvalue $\lambda_k$ of $\Sigma$")
         style.legend(ax, legend if len(ax.get_legend_handles_labels()[0]) > 1 else None)
     return fig
