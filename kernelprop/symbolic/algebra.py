@@ -289,7 +289,8 @@ class Explicit:
             if not keys:
                 from ..errors import SpecError
                 raise SpecError("attention.bias", f"row {i} fully masked",
-                                "every query needs at least one allowed key: remove the -inf entries that empty the row")
+                                "every query needs at least one allowed key: "
+                                "remove the -inf entries that empty the row")
             ex = {j: sp.exp(z[i, j]) for j in keys}
             tot = sum(ex.values())
             for j in keys:
@@ -314,12 +315,16 @@ class Explicit:
         return self._blocks(block)
 
     def heads(self, layer, alibi_scale):
-        """``[(weight, bias matrix or None)]`` per distinct head, as :func:`kernelprop.kernel.attention.head_mixings`."""
+        """``[(weight, bias matrix or None)]`` per distinct head, as
+        :func:`kernelprop.kernel.attention.head_mixings`."""
         t = max(self.segments)
         if layer.bias is None:
             return [(sp.Integer(1), None)]
         if isinstance(layer.bias, str):  # ALiBi: B_ij = −s_h |i − j|, s_h = scale·2^{−8h/H} (Press et al. 2022)
-            return [(sp.Rational(1, layer.heads), sp.Matrix(t, t, lambda i, j: -alibi_scale * sp.Integer(2) ** sp.Rational(-8 * h, layer.heads) * abs(i - j)))
+            return [(sp.Rational(1, layer.heads),
+                     sp.Matrix(t, t, lambda i, j: -alibi_scale
+                               * sp.Integer(2) ** sp.Rational(-8 * h, layer.heads)  # noqa: B023 - sp.Matrix calls it now
+                               * abs(i - j)))
                     for h in range(1, layer.heads + 1)]
         b = np.asarray(layer.bias, dtype=float)
         if b.shape[-1] < t:
@@ -330,6 +335,11 @@ class Explicit:
         if b.ndim == 2:
             return [(sp.Integer(1), conv(b))]
         return [(sp.Rational(1, layer.heads), conv(bh)) for bh in b]
+
+
+# a matrix or vector of either algebra
+Matrix = EqMatrix | ExMatrix
+Vector = EqVector | ExVector
 
 
 def _num(x):

@@ -145,6 +145,7 @@ class EquiCoder:
         return State(algebra.EqMatrix(S.q, S.q * S.rho, S.T), algebra.EqVector(0 if mean_zero else S.mu), gaussian)
 
     def read(self, s: State):
+        assert isinstance(s.sigma, algebra.EqMatrix) and isinstance(s.mean, algebra.EqVector)
         d, o = s.sigma.d, s.sigma.o
         return (d, o / d, s.mean.v)
 
@@ -194,6 +195,7 @@ class ExplicitCoder:
         return State(algebra.ExMatrix(self.matrix()), algebra.ExVector(mean), gaussian)
 
     def read(self, s: State):
+        assert isinstance(s.sigma, algebra.ExMatrix) and isinstance(s.mean, algebra.ExVector)
         return tuple(s.sigma.m[i, j] for i, j in self.pairs) + tuple(s.mean.v)
 
     def mean_symbols(self):
@@ -201,7 +203,8 @@ class ExplicitCoder:
 
     def numeric_state(self, inputs: Inputs):
         if tuple(inputs.segments) != self.fam.segments:
-            raise SpecError("tokens", list(inputs.segments), f"the explicit map was built for sequences {list(self.fam.segments)}")
+            raise SpecError("tokens", list(inputs.segments),
+                            f"the explicit map was built for sequences {list(self.fam.segments)}")
         s = inputs.sigma
         return np.array([s[i, j] for i, j in self.pairs] + list(inputs.mean)), {}
 
@@ -250,7 +253,7 @@ class BlockMap:
 
     network: Network
     mode: str
-    coder: object
+    coder: EquiCoder | ExplicitCoder
     namespace: S.Namespace
     block: SectionMap | None
     first: SectionMap | None
@@ -286,9 +289,10 @@ def block_map(network: Network, *, mode: str = "equicorrelated", tokens=None, sy
     ``opaque``: keep activations without closed form as numerically evaluated sympy functions
     instead of refusing them. ``simplify_seconds``: total time spent simplifying the steps (the
     expressions are exact either way; only their readability depends on it; default 10 s in the
-    equicorrelated mode, 4 s in the explicit mode). Raises :class:`~kernelprop.errors.NotSupportedError` naming the layer
-    when a layer has no symbolic map in this mode.
+    equicorrelated mode, 4 s in the explicit mode). Raises :class:`~kernelprop.errors.NotSupportedError`
+    naming the layer when a layer has no symbolic map in this mode.
     """
+    coder: EquiCoder | ExplicitCoder
     if mode == "equicorrelated":
         coder = EquiCoder()
     elif mode == "explicit":
@@ -304,7 +308,8 @@ def block_map(network: Network, *, mode: str = "equicorrelated", tokens=None, sy
         raise SpecError("mode", mode, "must be \"equicorrelated\" or \"explicit\"")
     ns = S.Namespace(network, symbols)
     ctx = Context(coder.fam, ns, opaque)
-    ctx.clock = {"left": simplify_seconds if simplify_seconds is not None else 10.0 if mode == "equicorrelated" else 4.0}
+    ctx.clock = {"left": simplify_seconds if simplify_seconds is not None
+                 else 10.0 if mode == "equicorrelated" else 4.0}
     flags = (True, input_mean_zero)
     stem = final = first = block = None
     if network.stem.layers:
@@ -344,8 +349,8 @@ def _section(name, layers, coder, ctx, gaussian, mean_zero, at_l=None) -> Sectio
         steps.append(Step(f"{i}:{layer.kind}", outs))
         current = dag_subs(outs, dict(zip(coder.symbols, current)))
         gaussian, mean_zero = out.gaussian, out.mean.is_zero()
-    current = tuple(tidy(e, budget=60, clock=ctx.clock) for e in current)
-    return SectionMap(name, tuple(steps), current, g_in, mz_in, gaussian, mean_zero)
+    composed = tuple(tidy(e, budget=60, clock=ctx.clock) for e in current)
+    return SectionMap(name, tuple(steps), composed, g_in, mz_in, gaussian, mean_zero)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +424,7 @@ class SymbolicTrajectory:
     labels: list
     kernels: np.ndarray
     means: np.ndarray
-    states: np.ndarray = field(default=None)
+    states: np.ndarray | None = field(default=None)
 
 
 def evaluate(bmap: BlockMap, inputs: Inputs) -> SymbolicTrajectory:

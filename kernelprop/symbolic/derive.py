@@ -186,7 +186,8 @@ def closed_form(bm: BlockMap) -> ClosedForm:
     else:
         aff = _affine(exprs, bm.state)
         if aff is not None:
-            sol = _solve_linear(*aff, [inits[s] for s in bm.state])
+            M, b = aff
+            sol = _solve_linear(M, b, [inits[s] for s in bm.state])
             if sol is not None:
                 return ClosedForm(True, dict(zip(names, sol)),
                                   method="linear recursion on the kernel entries (matrix power)",
@@ -489,7 +490,8 @@ def _q_behaviour(qmap, vals):
         kv = _num(kappa, vals)
         if kappa == 1:
             return "at ρ = 1, q' = q"
-        return f"at ρ = 1, q' = ({S.text(kappa)})·q" + (f" = {kv:.6g}·q" if kv is not None and not kappa.is_number else "")
+        return (f"at ρ = 1, q' = ({S.text(kappa)})·q"
+                + (f" = {kv:.6g}·q" if kv is not None and not kappa.is_number else ""))
     return "the q-map has no simple form at ρ = 1"
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import sympy as sp
 
 from ..errors import NotSupportedError
+from .algebra import Matrix, Vector
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,7 +21,7 @@ class Dep:
     """Linear part ``P`` of a branch stream in the branch input x (``kind``: zero, matrix, unknown)."""
 
     kind: str
-    p: object = None
+    p: Matrix | None = None
     headwise: bool = False
 
     def scale_rows(self, v):
@@ -38,8 +39,8 @@ UNKNOWN = Dep("unknown")
 class State:
     """Σ, m, Gaussian flag and branch dependence (as :class:`kernelprop.kernel.state.KernelState`)."""
 
-    sigma: object
-    mean: object
+    sigma: Matrix
+    mean: Vector
     gaussian: bool = True
     dep: Dep | None = None
 
@@ -49,6 +50,8 @@ class State:
 
 class Context:
     """Algebra, namespace of symbols, current layer name, and whether to keep opaque activations."""
+
+    clock: dict[str, float]   # {"left": seconds} of simplification, shared by the block map's steps
 
     def __init__(self, fam, ns, opaque=False):
         self.fam, self.ns, self.opaque = fam, ns, opaque
@@ -92,5 +95,9 @@ def second_moment(a: Dep, ma, b: Dep, mb, sigma, m, fam):
             "Dense layer or attention with value weights")
     pm_a, pm_b = a.apply(m, fam), b.apply(m, fam)
     ra, rb = ma - pm_a, mb - pm_b
-    core = fam.zeros() if a.kind == "zero" or b.kind == "zero" else a.p @ sigma @ b.p.t
+    if a.kind == "zero" or b.kind == "zero":
+        core = fam.zeros()
+    else:
+        assert a.p is not None and b.p is not None   # a matrix dependence carries its P
+        core = a.p @ sigma @ b.p.t
     return core + fam.outer(pm_a, rb) + fam.outer(ra, pm_b) + fam.outer(ra, rb)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sympy as sp
 
 from . import symbols as S
-from .blockmap import lambdify
+from .blockmap import ExplicitCoder, lambdify
 from .derive import Derivation
 
 _PRIME = {"q": "q'", "rho": "ρ'", "mu": "μ'"}
@@ -63,10 +63,10 @@ def render_text(d: Derivation) -> str:
     bm = d.map
     out = []
     head = d.title or bm.network.name or "network"
-    if bm.mode == "equicorrelated":
-        out.append(f"{head} — equicorrelated state Σ = q[(1−ρ)I + ρ11ᵀ] on T tokens, per-token mean μ")
-    else:
+    if isinstance(bm.coder, ExplicitCoder):
         out.append(f"{head} — explicit kernel of {bm.coder.n} tokens: Σ = (S_i_j), means m_i")
+    else:
+        out.append(f"{head} — equicorrelated state Σ = q[(1−ρ)I + ρ11ᵀ] on T tokens, per-token mean μ")
     out += _hyper_lines(d)
     names = bm.coder.names
     for section, title in (("stem", "stem (once, l = 0)"), ("block", "block l"), ("final", "final (once)")):
@@ -157,7 +157,8 @@ def _cmap_lines(d):
              + (" (ρ' does not depend on q)" if cm.q_free else " (ρ' depends on q: this is the map at q = 1)") + ":"]
     lines.append(f"  C(c) = {text(cm.c_map)}")
     lines.append(f"  C(0) = {text(cm.c0)},  C(1) = {text(cm.c1)}")
-    chi_v = f"  (= {cm.chi_value:.6g} for the spec's values)" if cm.chi_value is not None and not cm.chi.is_number else ""
+    chi_v = (f"  (= {cm.chi_value:.6g} for the spec's values)" if cm.chi_value is not None and not cm.chi.is_number
+             else "")
     lines.append(f"  χ = C'(1) = {text(cm.chi)}{chi_v}")
     lam_v = f"  (= {cm.lambda_a_value:.6g})" if cm.lambda_a_value is not None and not cm.lambda_a.is_number else ""
     lines.append(f"  λ_a = ½ ln χ = {text(cm.lambda_a)}{lam_v}")

@@ -165,7 +165,7 @@ class Namespace:
         rows = []
         for part in ("stem", "block", "final"):
             rows += list(_field_paths(getattr(network, part), part))
-        hits = {}
+        hits: dict[str, tuple[tuple, str | None]] = {}   # path -> (field row, chosen NAME)
         for sel, name in selectors:
             found = [r for r in rows if _matches(sel, r[0])]
             if not found:
@@ -175,7 +175,7 @@ class Namespace:
             for r in found:
                 hits.setdefault(r[0], (r, name))
         # name the chosen fields: NAME if given, else the field's default; number duplicates
-        wanted = {}
+        wanted: dict[str, list[tuple[str, tuple, bool]]] = {}   # symbol name -> (path, row, named explicitly)
         for path, (r, name) in hits.items():
             fkey = path.rsplit(".", 1)[1]
             base = name or FIELD_SYMBOLS.get(fkey, (fkey, None))[0]
@@ -226,8 +226,8 @@ class Namespace:
 
 
 def _selector(text: str):
-    sel, _, name = str(text).partition("=")
-    sel, name = sel.strip(), name.strip() or None
+    sel, _, given = str(text).partition("=")
+    sel, name = sel.strip(), given.strip() or None
     if not sel or (name is not None and not name.isidentifier()):
         raise SpecError("symbols", text, "must be FIELD or PATH, optionally =NAME with NAME an identifier "
                         "(e.g. value_var, block[0].beta=b)")
