@@ -18,13 +18,14 @@ SCALAR_MEASURES = {
     "cos_mean": "mean off-diagonal cosine mean_{i≠j} Σ_ij/sqrt(Σ_ii Σ_jj) within sequences",
     "cos_min": "smallest off-diagonal cosine within sequences",
     "cross_cos_mean": "mean cosine between tokens of different sequences (only with several sequences)",
-    "rank_one_distance": "tr(PΣ)/tr(Σ), P = I − 11ᵀ/T: relative distance to rank one (Dong et al. 2021, Frobenius form)",
+    "rank_one_distance": "tr(PΣ)/tr(Σ), P = I − 11ᵀ/T: relative distance to rank one "
+                         "(Dong et al. 2021, Frobenius form)",
     "stable_rank": "tr Σ / λ_max(Σ)",
     "effective_rank": "exp(H(p)), p_k ∝ sqrt(λ_k) (Roy & Vetterli 2007)",
     "eig_ratio": "λ_min(Σ)/λ_max(Σ)",
     "mean_abs": "mean_i |m_i|: size of the per-token feature mean",
-    "quad_error": "accumulated error estimate of Σ's approximations: quadrature error bounds plus the standard error of "
-                  "the score-draw average of scores=\"standard\" attention (0 when every map is exact)",
+    "quad_error": "accumulated error estimate of Σ's approximations: quadrature error bounds plus the standard "
+                  "error of the score-draw average of scores=\"standard\" attention (0 when every map is exact)",
 }
 PROFILE_MEASURES = {
     "cos_first": "cosine of each position to the first token of sequence 0 (causal collapse goes toward it)",
