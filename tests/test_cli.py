@@ -90,7 +90,8 @@ def test_python_dash_m_entry_point():
 def test_presets_listing_run_and_compare(tmp_path):
     res = runner.invoke(app, ["presets"])
     assert res.exit_code == 0 and "deepscalelm" in res.stdout and "He & Hofmann 2024" in res.stdout
-    res = runner.invoke(app, ["run", "--preset", "noci", "--depth", "30", "--tokens", "8", "-o", str(tmp_path / "n.json")])
+    res = runner.invoke(app, ["run", "--preset", "noci", "--depth", "30", "--tokens", "8",
+                              "-o", str(tmp_path / "n.json")])
     assert res.exit_code == 0 and "final" in res.stdout
     out = tmp_path / "c.csv"
     res = runner.invoke(app, ["compare", "post_ln", "noci", "--depth", "20", "--tokens", "8", "-o", str(out)])

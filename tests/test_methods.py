@@ -65,7 +65,8 @@ def test_spa_bad_parameters_are_spec_errors():
 # ---------------------------------------------------------------- C-maps and TAT
 
 def leaky_c_map(c, s):
-    """Normalised leaky-ReLU C-map, by hand: (s c + (1−s)² k(c)) / ((1+s²)/2), k(c) = (sqrt(1−c²) + (π − arccos c) c)/(2π)."""
+    """Normalised leaky-ReLU C-map, by hand: (s c + (1−s)² k(c)) / ((1+s²)/2),
+    k(c) = (sqrt(1−c²) + (π − arccos c) c)/(2π)."""
     k = (np.sqrt(1 - c * c) + (np.pi - np.arccos(c)) * c) / (2 * np.pi)
     return (s * c + (1 - s) ** 2 * k) / ((1 + s * s) / 2)
 

@@ -75,7 +75,8 @@ def test_compare_propagates_each_preset_on_one_input_and_checks_the_measure():
 
 
 @pytest.mark.parametrize("path,formats,writer,words", [
-    ("x.txt", io.FORMATS, None, "extension must be one of"), ("x.json", (".csv",), "gradients", "gradients writes .csv"),
+    ("x.txt", io.FORMATS, None, "extension must be one of"),
+    ("x.json", (".csv",), "gradients", "gradients writes .csv"),
 ])
 def test_output_formats_are_checked_before_any_work(path, formats, writer, words):
     assert io.check_format("x.CSV", (".csv",)) == ".csv"

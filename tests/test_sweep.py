@@ -119,7 +119,8 @@ def test_numerical_failure_is_nan_beyond_the_failing_block():
     res = sweep(net, X, {"a": [0.5, 30.0], "L": [10, 40, 60]}, measure="q_mean")
     assert np.all(np.isfinite(res["q_mean"][0]))
     assert np.isfinite(res["q_mean"][1, :2]).all() and np.isnan(res["q_mean"][1, 2])
-    assert res["q_mean"][1, 1] == pytest.approx(reference(net.with_params(a=30.0).with_depth(40), X, "q_mean"), rel=1e-13)
+    assert res["q_mean"][1, 1] == pytest.approx(reference(net.with_params(a=30.0).with_depth(40), X, "q_mean"),
+                                                rel=1e-13)
     assert len(res.failures) == 1 and "exploded" in res.failures[0]
     with pytest.raises(NumericalError):
         sweep(net, X, {"a": [30.0]}, depth=60)

@@ -194,7 +194,7 @@ def _attention_loss(layer, x, gy, node, wq, keys_of, scale, segments):
     for t in segments:
         sl = slice(start, start + t)
         start += t
-        heads = lambda z: z[:, sl].reshape(b, t, h, -1).transpose(0, 2, 1, 3)
+        heads = lambda z: z[:, sl].reshape(b, t, h, -1).transpose(0, 2, 1, 3)  # noqa: B023 - used in this iteration
         s = heads(q) @ np.swapaxes(heads(keys), -1, -2) * scale + logit_offsets(layer, t, "test")
         a = np.exp(s - s.max(-1, keepdims=True))
         a /= a.sum(-1, keepdims=True)
@@ -408,7 +408,8 @@ def test_noci_query_to_value_gradient_ratio_against_depth(placement):
 
 
 def _jacobian_terms(a, sigma, pi):
-    """``T_ik = tr(J_i Σ J_k Σ)`` and ``Σ_ik Π_ik Σ_ik J_i Σ J_k`` for the softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ``."""
+    """``T_ik = tr(J_i Σ J_k Σ)`` and ``Σ_ik Π_ik Σ_ik J_i Σ J_k`` for the softmax Jacobians
+    ``J_i = diag a_i − a_i a_iᵀ``."""
     n = len(a)
     jac = [np.diag(a[i]) - np.outer(a[i], a[i]) for i in range(n)]
     t = np.array([[np.trace(jac[i] @ sigma @ jac[k] @ sigma) for k in range(n)] for i in range(n)])

@@ -44,7 +44,8 @@ def assert_agree(sym, ref):
     d = np.sqrt(np.einsum("kii->ki", ref.kernels))
     scale = d[:, :, None] * d[:, None, :]
     err = np.abs(sym.kernels - ref.kernels) / scale
-    assert err.max() <= RTOL, f"max relative difference {err.max():.3g} at record {ref.labels[np.argmax(err.max((1, 2)))]}"
+    assert err.max() <= RTOL, (f"max relative difference {err.max():.3g} "
+                               f"at record {ref.labels[np.argmax(err.max((1, 2)))]}")
     np.testing.assert_allclose(sym.means, ref.means, rtol=RTOL, atol=RTOL * max(1.0, np.abs(ref.means).max()))
 
 
@@ -139,7 +140,8 @@ def test_noci_closed_form_trajectory_matches_the_engine_at_depth_50():
     d = S.derive(spec)
     assert d.trajectory.found
     (_, x_l, _), (_, m_l, _) = d.trajectory.coordinates["x"], d.trajectory.coordinates["m"]
-    L, sv, x0, m0 = sp.Symbol("L", integer=True, positive=True), sp.Symbol("sv", real=True), *sp.symbols("x_0 m_0", real=True)
+    L, sv = sp.Symbol("L", integer=True, positive=True), sp.Symbol("sv", real=True)
+    x0, m0 = sp.symbols("x_0 m_0", real=True)
     assert sp.simplify(x_l - x0) == 0
     assert sp.simplify(m_l - m0 * (1 + sv / (2 * L)) ** S.symbols.l) == 0       # β²σ_v²σ_o² = sv/(2L)
     names = [S.symbols.l, S.symbols.L, S.symbols.T, sp.Symbol("sv", real=True),

@@ -64,7 +64,8 @@ def test_cli_symbol_option_and_its_errors(tmp_path):
 def test_expressions_parse_to_exact_sympy():
     names = {"L": L, "l": l, "b": sp.Symbol("b", real=True)}
     assert parse("b/sqrt(L) + l/100", names) == names["b"] / sp.sqrt(L) + l / 100
-    assert parse("0.1*max(1, abs(b)) + e**2 - pi", names) == sp.Rational(1, 10) * sp.Max(1, sp.Abs(names["b"])) + sp.E ** 2 - sp.pi
+    assert (parse("0.1*max(1, abs(b)) + e**2 - pi", names)
+            == sp.Rational(1, 10) * sp.Max(1, sp.Abs(names["b"])) + sp.E ** 2 - sp.pi)
     assert number(2.0) == 2 and number(0.005) == sp.Rational(1, 200) and isinstance(number(1 / 3), sp.Float)
     # every function of the expression language has a sympy counterpart
     for name in expressions.FUNCTIONS:
@@ -77,8 +78,9 @@ def test_field_selection_names_duplicates_and_skips_unused_fields():
     ns = Namespace(net, ["beta", "weight_var", "block[1].layers[1].bias_var=b2"])
     chosen = {str(sym): path for sym, (path, _) in ns.chosen.items()}
     # attention.beta is inactive for matrix = "softmax", so only the residual weights are chosen
-    assert chosen == {"beta_1": "block[0].beta", "beta_2": "block[1].beta", "sigma_w2_1": "block[1].layers[0].weight_var",
-                      "sigma_w2_2": "block[1].layers[1].weight_var", "b2": "block[1].layers[1].bias_var"}
+    assert chosen == {"beta_1": "block[0].beta", "beta_2": "block[1].beta",
+                      "sigma_w2_1": "block[1].layers[0].weight_var", "sigma_w2_2": "block[1].layers[1].weight_var",
+                      "b2": "block[1].layers[1].bias_var"}
     with pytest.raises(kp.SpecError, match="matches no numeric field"):   # Monte Carlo only: not in the map
         Namespace(net, ["block[1].layers[1].width_factor"])
 
