@@ -8,7 +8,7 @@ import numpy as np
 import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop import montecarlo as mc
-from kernelprop.layers import Activation, Dense, LayerNorm, Layer, Residual, Scale
+from kernelprop.layers import Activation, Dense, Layer, LayerNorm, Residual, Scale
 from kernelprop.network.walk import Record
 
 X = I.equicorrelated(4, 1.0, 0.3)
