@@ -107,3 +107,19 @@ def test_an_unregistered_type_is_a_spec_error_and_a_kind_is_registered_once():
             register_layer(int)
     finally:
         kp.unregister_layer("moving_average")
+
+
+def test_a_layer_without_a_backward_rule_is_refused_by_name_in_the_backward_pass_only():
+    @dataclass(frozen=True, eq=False)
+    class Forward(Layer):
+        kind = "forward_only"
+        refusals = {"kernel_backward": "no derivative is known"}
+
+        def kernel_map(self, s, ctx):
+            return s.replace(sigma=2.0 * s.sigma), self.no_backward()
+
+    net = kp.Network(block=[Forward()], depth=2)
+    x = I.equicorrelated(3, 1.0, 0.2)
+    np.testing.assert_allclose(kp.propagate(net, x).kernels[-1], 4.0 * x.sigma, rtol=1e-15)
+    with pytest.raises(NotSupportedError, match="layer `forward_only` has no backward rule: no derivative is known"):
+        kp.backpropagate(net, x)

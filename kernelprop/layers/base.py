@@ -33,7 +33,6 @@ import numpy as np
 from ..errors import NotSupportedError, SpecError
 from ..network import expressions
 
-Number = float | int
 Param = float | int | expressions.Expr | str   # a number, or a depth expression (parsed on construction)
 
 # constraints a numeric field can carry in its metadata
