@@ -89,3 +89,21 @@ def test_an_activation_on_a_stream_with_a_mean_is_refused():
     ok = kp.Network(block=[LayerNorm(), Activation("relu"), Dense()], depth=2)   # centring removes the mean
     cmp, *_ = mc.check(ok, x, 256, 16)
     assert cmp.agree, cmp.failures[:3]
+
+
+@pytest.mark.parametrize("block, x", [
+    ([Attention(spa="e-spa", causal=True, spa_final=0.5), Dense(), Activation("relu"), Dense(weight_var=2.0)],
+     I.identity(8)),
+    ([Attention(spa="u-spa", causal=True, heads=2, matrix="value_skipinit", beta=0.6), Dense()],
+     I.equicorrelated(8, 1.0, 0.2)),
+    ([Attention(spa="u-spa", spa_final=0.5)], I.identity(6)),
+], ids=["e-spa", "u-spa value_skipinit", "u-spa bidirectional"])
+def test_spa_reports_its_query_gradient_and_it_agrees_with_backpropagation(block, x):
+    """SPA's ``A = D softmax(B + S)`` at zero queries: ``dS_i = D_i J(p_i) dA_i`` (before: no query norm)."""
+    net = kp.Network(block=block, depth=3)
+    g = kp.backpropagate(net, x)
+    q = [v for *_, kind, v in g.grads if kind == "queries"]
+    assert len(q) == 3 and min(q) > 0
+    cmp, *_ = mc.check(net, x, 256, 16, gradients=True)
+    assert any(r.measure == "norm_queries" for r in cmp.rows)
+    assert cmp.agree, (cmp.criterion(), cmp.failures[:3])

@@ -34,8 +34,9 @@ parameter-gradient norms ``‖∂L/∂W‖²/d`` (d the model width) in the engi
   ``1/d_k`` layers it is ``d_k·‖∂L/∂W_Q‖²/d`` of the query role of the tied weight (``W_Q = W_K`` at init,
   differentiated in W_Q only): the ``1/d_k`` scores make the plain norm vanish like ``1/d_k``, and this
   rescaled norm has the engine's limit. For ``standard`` scores it is ``‖∂L/∂W_Q‖²/d`` with the real
-  keys (``W_K ~ N(0, 1/w)``). Not recorded (as the engine) for SPA and weight-free layers, nor under
-  the ``scores`` override (its keys have another law).
+  keys (``W_K ~ N(0, 1/w)``); for SPA (``A = D softmax(B + S)`` at zero queries) through
+  ``dS_i = D_i J(p_i) dA_i``. Not recorded (as the engine) for weight-free layers, nor under the
+  ``scores`` override (its keys have another law).
 
 Seeds are aggregated to means and standard errors ``sd/√S``; the same networks also give the forward
 records (``.forward``, a :class:`~kernelprop.montecarlo.simulate.Simulation`).

@@ -199,13 +199,11 @@ class Attention(Layer):
                 grads.append((path, "values", so * mixed))
             if self.projection == "dense":
                 grads.append((path, "output", sv * mixed))
-            if self.spa != "none":
-                return (sv * so) * out          # SPA fixes the matrix through D_l and B_l: no score weights
             standard = self.scores == "standard"
             if self.attention == "identity":
                 q, score_pi = _identity_score_term(heads, sigma, pi, segments, self.causal), None
             else:
-                q, score_pi = score_terms(heads, sigma, pi, standard)
+                q, score_pi = score_terms(heads, sigma, pi, standard, spa=self.spa != "none")
             # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
             grads.append((path, "queries", (1.0 if standard else self.qk_var) * sv * so * q))
             out = (sv * so) * out
@@ -286,7 +284,7 @@ class Attention(Layer):
             return y, None
         # query-gradient norms in the engine's convention (montecarlo.backward docstring)
         bctx = ctx.bctx
-        want_q = bctx is not None and not self.weight_free and self.spa == "none" and ctx.scores is None
+        want_q = bctx is not None and not self.weight_free and ctx.scores is None
         keys = None
         if want_q and uses_a:
             keys = k if mode != "uniform" else S.project(bctx, x, h * dk, self.qk_var)   # virtual keys at W_Q = 0
@@ -348,7 +346,10 @@ class Attention(Layer):
             if self.attention == "identity":
                 ds = da * np.isfinite(offsets)
             else:
-                ds = a * (da - np.sum(a * da, axis=-1, keepdims=True))         # softmax Jacobian, row by row
+                # softmax Jacobian, row by row; SPA's A = D softmax(B + S):
+                # dS_i = D_i J(p_i) dA_i = a_i ⊙ (dA_i − p_i·dA_i)
+                p = a / np.sum(a, axis=-1, keepdims=True) if self.spa != "none" else a
+                ds = a * (da - np.sum(p * da, axis=-1, keepdims=True))
             if score_path:
                 qh = _heads(D["q"][:, sl], b, t, h)
                 if gk is None:                                                 # tied: S = Q Qᵀ/d_k
@@ -478,14 +479,22 @@ def _unheads(a, b, t):
     return a.transpose(0, 2, 1, 3).reshape(b, t, -1)
 
 
-def _softmax_part(m):
-    """The softmax matrix inside a mixing and the weight of its Jacobian: (dense A, weight)."""
+def _softmax_part(m, spa=False):
+    """The softmax matrix inside a mixing, the weight of its Jacobian and the row scale D of SPA's
+    ``A = D softmax(B + S)`` (He et al. 2023): (dense P, weight, D or None)."""
     if isinstance(m, MX.Combination):
-        return (m.a.dense(), m.beta ** 2) if m.beta else (None, 0.0)
-    return m.dense(), 1.0
+        if not m.beta:
+            return None, 0.0, None
+        a, weight = m.a.dense(), m.beta ** 2
+    else:
+        a, weight = m.dense(), 1.0
+    if not spa:
+        return a, weight, None
+    d = a.sum(axis=1)
+    return a / d[:, None], weight, d
 
 
-def score_terms(heads, sigma, pi, with_pi: bool):
+def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False):
     """Head-averaged terms through the softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ`` (full N×N: a batch's
     query gradient sums over every token pair, cross-sequence ones included), with ``W = Π ⊙ Σ``:
 
@@ -493,10 +502,12 @@ def score_terms(heads, sigma, pi, with_pi: bool):
       variance;
     * if ``with_pi``, ``(1/H) Σ_h [Π ⊙ T + Σ_ik W_ik J_i Σ J_k]`` — the gradient kernel that 1/sqrt(d_k)
       scores send back through queries and keys (O(1/d) for zero or tied 1/d scores). O(N³) per head.
+
+    SPA (``spa``): ``A = D softmax(B + S)``, so ``dS_i = D_i J(p_i) dA_i`` and ``W_ik`` carries ``D_i D_k``.
     """
     total, extra = 0.0, (np.zeros_like(pi) if with_pi else None)
     for w, m in heads:
-        a, weight = _softmax_part(m)
+        a, weight, d = _softmax_part(m, spa)
         if a is None:
             continue
         ws = a @ sigma
@@ -504,7 +515,7 @@ def score_terms(heads, sigma, pi, with_pi: bool):
         t = a @ (sigma * sigma) @ a.T
         t2 = (ws * ws) @ a.T
         t = t - t2 - t2.T + asa * asa
-        wpi = pi * sigma
+        wpi = pi * sigma if d is None else pi * sigma * np.outer(d, d)
         total += w * weight * float(np.sum(wpi * t))
         if with_pi:
             u = ((a.T @ wpi) * ws.T) @ a
