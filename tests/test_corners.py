@@ -107,3 +107,16 @@ def test_spa_reports_its_query_gradient_and_it_agrees_with_backpropagation(block
     cmp, *_ = mc.check(net, x, 256, 16, gradients=True)
     assert any(r.measure == "norm_queries" for r in cmp.rows)
     assert cmp.agree, (cmp.criterion(), cmp.failures[:3])
+
+
+@pytest.mark.parametrize("name, block, mean", [
+    ("value and output variances differ", [LayerNorm(), Attention(heads=2, causal=True, scores="tied", value_var=2.0,
+                                                                   out_var=0.5), Dense()], None),
+    ("weight-free mixing of a token-varying mean", [Residual(Attention(causal=True, **WF), beta=0.7), LayerNorm(),
+                                                    Dense()], np.linspace(-0.6, 0.6, 6)),
+])
+def test_missing_cases_agree_with_backpropagation(name, block, mean):
+    x = EQ if mean is None else I.Inputs(EQ.sigma + np.outer(mean, mean), EQ.segments, mean=mean)
+    cmp, *_ = mc.check(kp.Network(block=block, depth=2), x, 256, 16, gradients=True)
+    assert cmp.n_tested > 200
+    assert cmp.agree, (name, cmp.criterion(), cmp.failures[:3])
