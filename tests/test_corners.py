@@ -15,7 +15,7 @@ import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop import montecarlo as mc
 from kernelprop.errors import NotSupportedError
-from kernelprop.layers import Activation, Attention, Dense, LayerNorm, RMSNorm
+from kernelprop.layers import Activation, Attention, Dense, LayerNorm, Residual, RMSNorm
 
 WF = dict(values="identity", projection="identity")
 EQ = I.equicorrelated(6, 1.0, 0.2)
