@@ -92,13 +92,12 @@ def resolved(v: Param) -> float:
     return float(v)
 
 
-def refused(layer: Layer, rule: str, interpreter: str = "") -> NotSupportedError:
+def refused(layer: Layer, rule: str) -> NotSupportedError:
     """The error for a rule ``layer`` does not have, with its reason if the class gives one."""
     what = RULES.get(rule, rule)
     reason = type(layer).refusals.get(rule) or (
         f"{type(layer).__name__} defines no `{rule}` (see docs/layers.md for how to add one)")
-    where = f"{interpreter}: " if interpreter else ""
-    return NotSupportedError(f"{where}layer `{layer.kind}` has no {what}: {reason}")
+    return NotSupportedError(f"layer `{layer.kind}` has no {what}: {reason}")
 
 
 class Layer:

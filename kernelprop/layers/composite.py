@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import NotSupportedError, SpecError
 from ..kernel.state import UNKNOWN, Dependence, KernelState
 from ..network import expressions
-from .base import Layer, check_number, number_field, register_layer
+from .base import Layer, number_field, register_layer
 
 _SKIP_NONLINEAR = ("a residual branch ends in a nonlinearity of the skip stream (e.g. an activation with no Dense "
                    "layer after it); its cross kernel with the skip has no closed form here: end the branch with a "
@@ -463,5 +463,4 @@ def symbolic_combine(s, alpha, branches, betas, ctx, parallel=False):
     return s.replace(sigma=sigma, mean=mean, gaussian=gaussian, dep=dep)
 
 
-__all__ = ["Parallel", "Residual", "Serial", "axpy", "branch_input", "check_number", "combine", "symbolic_combine",
-           "walk"]
+__all__ = ["Parallel", "Residual", "Serial", "axpy", "branch_input", "combine", "symbolic_combine", "walk"]

@@ -93,7 +93,8 @@ def sample_output_gradient(pi: np.ndarray, width: int, gens, kind: str = "exact"
 def tape(layer, x: np.ndarray, ctx: S.Context, bctx: S.Context | None, path: str, queries: bool = True):
     """Forward one resolved layer exactly as :func:`~kernelprop.montecarlo.sampler.forward` with
     ``ctx.products == "explicit"`` (the same draws in the same order), returning ``(y, pull)`` with the
-    layer's exact transpose ``pull`` (see :func:`back`). ``bctx``: the backward stream, for the virtual
+    layer's exact transpose ``pull(G_Y, grads) -> G_X`` (it appends ``(path, kind, ‖∂L/∂W‖²/d)`` per
+    seed to ``grads``). ``bctx``: the backward stream, for the virtual
     keys of zero-query layers (``None`` or ``queries=False``: no query-gradient norms)."""
     saved = ctx.tape, ctx.path, ctx.bctx
     ctx.tape, ctx.path, ctx.bctx = True, path, (bctx if queries else None)
@@ -101,12 +102,6 @@ def tape(layer, x: np.ndarray, ctx: S.Context, bctx: S.Context | None, path: str
         return layer.sample(x, ctx)
     finally:
         ctx.tape, ctx.path, ctx.bctx = saved
-
-
-def back(pull, g: np.ndarray, grads: list, d: int | None = None) -> np.ndarray:
-    """``G_X`` from ``G_Y`` through a taped layer; appends ``(path, kind, ‖∂L/∂W‖²/d per seed)`` to ``grads``
-    (d, the model width, was fixed when the layer was taped)."""
-    return pull(g, grads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def _taped_fd(block, segments, scores, width=8, seeds=2, h=1e-5):
         g.bit_generator.state = st
     y, node = MB.tape(block, x, ctx, None, "block")
     np.testing.assert_allclose(y, y0, rtol=1e-13, atol=1e-13)   # the tape re-runs the sampler's network
-    gx = MB.back(node, gy, [], width)
+    gx = node(gy, [])
     fd = np.zeros_like(x)
     for i in range(n):
         for k in range(width):
@@ -152,7 +152,7 @@ def _weight_fd(monkeypatch, block, segments, width=6, seeds=2, h=1e-5):
         g.bit_generator.state = st
     _, node = MB.tape(block, x, ctx, None, "block")
     grads = []
-    MB.back(node, gy, grads, width)
+    node(gy, grads)
     return norms, {(path, kind): v for path, kind, v in grads}
 
 
@@ -178,7 +178,7 @@ def _attention_node(layer, segments, width=8, seeds=2):
     y, node = MB.tape(layer, x, ctx, bctx, "attn")
     gy = rng.standard_normal(y.shape)
     grads = []
-    MB.back(node, gy, grads, width)
+    node(gy, grads)
     return x, gy, node, {kind: v for _, kind, v in grads}
 
 

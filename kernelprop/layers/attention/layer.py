@@ -201,7 +201,7 @@ class Attention(Layer):
                 grads.append((path, "output", sv * mixed))
             standard = self.scores == "standard"
             if self.attention == "identity":
-                q, score_pi = _identity_score_term(heads, sigma, pi, segments, self.causal), None
+                q, score_pi = _identity_score_term(sigma, pi, segments, self.causal), None
             else:
                 q, score_pi = score_terms(heads, sigma, pi, standard, spa=self.spa != "none")
             # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
@@ -524,7 +524,7 @@ def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False):
     return total, extra
 
 
-def _identity_score_term(heads, sigma, pi, segments, causal):
+def _identity_score_term(sigma, pi, segments, causal):
     """The query-gradient norm per unit key variance for identity attention (``J_i`` = the identity on
     the keys query i sees): ``Σ_ik (Π ⊙ Σ)_ik T_ik`` with ``T = M (Σ ⊙ Σ) Mᵀ``, M the 0/1 mask."""
     n = sigma.shape[0]
