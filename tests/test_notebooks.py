@@ -1,6 +1,7 @@
 """Every notebook runs top to bottom (fast setting: KERNELPROP_FAST=1) and is stored without outputs."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
     monkeypatch.setenv("KERNELPROP_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the kernel runs in tmp_path: put this checkout first, so the notebooks test this code, not an installed copy
+    root = str(Path(__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
