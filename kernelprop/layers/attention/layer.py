@@ -190,7 +190,7 @@ class Attention(Layer):
             out = sum(w * m.kernel_t(pi) for w, m in heads)
             if self.weight_free:   # y = M x: no weights of its own, but 1/sqrt(d_k) scores still send O(1) back
                 if self.scores == "standard" and self.attention == "softmax":
-                    out = out + self.qk_var * score_terms(heads, sigma, pi, True)[1]
+                    out = out + self.qk_var * score_terms(heads, sigma, pi, True, segments=segments)[1]
                 return out
             sv = self.value_var if self.values == "dense" else 1.0
             so = self.out_var if self.projection == "dense" else 1.0
@@ -203,7 +203,7 @@ class Attention(Layer):
             if self.attention == "identity":
                 q, score_pi = _identity_score_term(sigma, pi, segments, self.causal), None
             else:
-                q, score_pi = score_terms(heads, sigma, pi, standard, spa=self.spa != "none")
+                q, score_pi = score_terms(heads, sigma, pi, standard, spa=self.spa != "none", segments=segments)
             # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
             grads.append((path, "queries", (1.0 if standard else self.qk_var) * sv * so * q))
             out = (sv * so) * out
@@ -494,7 +494,22 @@ def _softmax_part(m, spa=False):
     return a / d[:, None], weight, d
 
 
-def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False):
+def _centred(sigma, segments):
+    """``P Σ P`` with ``P`` the per-sequence centring ``I − 11ᵀ/T`` (block-diagonal).
+
+    Every softmax Jacobian ``J_i = diag a_i − a_i a_iᵀ`` annihilates the constant vector on its sequence,
+    so ``J_i Σ J_k = J_i (PΣP) J_k`` exactly; the centred form avoids the float64 cancellation of
+    ``q²`` against ``q²(1 − ρ)²`` as tokens collapse (ρ → 1)."""
+    out = np.array(sigma, dtype=np.float64)
+    bounds = np.cumsum((0,) + tuple(segments or (sigma.shape[0],)))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out[lo:hi] -= out[lo:hi].mean(axis=0, keepdims=True)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out[:, lo:hi] -= out[:, lo:hi].mean(axis=1, keepdims=True)
+    return out
+
+
+def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False, segments=None):
     """Head-averaged terms through the softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ`` (full N×N: a batch's
     query gradient sums over every token pair, cross-sequence ones included), with ``W = Π ⊙ Σ``:
 
@@ -504,22 +519,24 @@ def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False):
       scores send back through queries and keys (O(1/d) for zero or tied 1/d scores). O(N³) per head.
 
     SPA (``spa``): ``A = D softmax(B + S)``, so ``dS_i = D_i J(p_i) dA_i`` and ``W_ik`` carries ``D_i D_k``.
+    The Σ between Jacobians is centred per sequence (``segments``; one sequence if None), see :func:`_centred`.
     """
     total, extra = 0.0, (np.zeros_like(pi) if with_pi else None)
+    inner = _centred(sigma, segments)
     for w, m in heads:
         a, weight, d = _softmax_part(m, spa)
         if a is None:
             continue
-        ws = a @ sigma
+        ws = a @ inner
         asa = ws @ a.T
-        t = a @ (sigma * sigma) @ a.T
+        t = a @ (inner * inner) @ a.T
         t2 = (ws * ws) @ a.T
         t = t - t2 - t2.T + asa * asa
         wpi = pi * sigma if d is None else pi * sigma * np.outer(d, d)
         total += w * weight * float(np.sum(wpi * t))
         if with_pi:
             u = ((a.T @ wpi) * ws.T) @ a
-            k2 = sigma * (a.T @ wpi @ a) - u - u.T + a.T @ (wpi * asa) @ a
+            k2 = inner * (a.T @ wpi @ a) - u - u.T + a.T @ (wpi * asa) @ a
             extra += (w * weight) * (pi * t + k2)
     return total, extra
 
