@@ -6,6 +6,9 @@
 3. Weight-free multi-head attention whose heads differ (per-head ALiBi) twice in a row: refused,
    never an averaged kernel that the network does not have.
 4. An activation on a stream with a non-zero mean: refused, never the zero-mean kernel.
+10. Near rank collapse (ρ → 1) the query-gradient term tr(J_i Σ J_k Σ) ~ q²(1 − ρ)² came from a
+   difference of O(q²) terms; the symbolic fixed-point search missed ρ* = 1 with float weights
+   (SymPy ≥ 1.13: ``Float(1.0) != 1``) and reported roots outside the equicorrelated range.
 """
 
 import numpy as np
@@ -120,3 +123,64 @@ def test_missing_cases_agree_with_backpropagation(name, block, mean):
     cmp, *_ = mc.check(kp.Network(block=block, depth=2), x, 256, 16, gradients=True)
     assert cmp.n_tested > 200
     assert cmp.agree, (name, cmp.criterion(), cmp.failures[:3])
+
+
+@pytest.mark.parametrize("gap", [1e-2, 1e-4, 1e-6, 1e-8])
+def test_query_gradient_term_keeps_its_digits_as_tokens_collapse(gap):
+    """Equicorrelated Σ = q[(1−ρ)I + ρ11ᵀ]: J_i 1 = 0, so tr(J_i Σ J_k Σ) = q²(1−ρ)² tr(J_i J_k) exactly
+    (reference from explicit Jacobian matrices). Before: relative error 8e-4 at 1 − ρ = 1e-6 and a
+    24× wrong value at 1e-8; now ≲ 4 eps/(1 − ρ), the rounding of the input itself."""
+    from kernelprop.layers.attention import score_terms
+    from kernelprop.layers.attention.matrices import Dense as DenseMix
+    t, q = 12, 1.3
+    rng = np.random.default_rng(5)
+    a = np.exp(rng.standard_normal((t, t)))
+    a /= a.sum(axis=1, keepdims=True)
+    sigma = q * (gap * np.eye(t) + (1.0 - gap) * np.ones((t, t)))
+    pi = np.eye(t) + 0.3
+    jac = [np.diag(a[i]) - np.outer(a[i], a[i]) for i in range(t)]
+    ref = sum(pi[i, k] * sigma[i, k] * q * q * gap * gap * np.trace(jac[i] @ jac[k])
+              for i in range(t) for k in range(t))
+    got, _ = score_terms([(1.0, DenseMix((t,), [a]))], sigma, pi, with_pi=False)
+    assert got == pytest.approx(ref, rel=max(1e-12, 8e-16 / gap), abs=0.0)
+
+
+def test_query_gradient_of_two_collapsing_sequences_is_centred_per_sequence():
+    """Two sequences, each nearly collapsed onto its own direction (cross-kernel 0.4): the
+    per-sequence centring is exact, the network's query gradient keeps its (1 − ρ)² law."""
+    def queries(gap):
+        one = (1.0 - gap) * np.ones((6, 6)) + gap * np.eye(6)
+        sig = np.block([[one, np.full((6, 6), 0.4)], [np.full((6, 6), 0.4), one]])
+        net = kp.Network(block=[Attention(heads=1, causal=True, qk_var=1.0)], depth=1)
+        g = kp.backpropagate(net, I.gram(sig, sequences=[6, 6]))
+        return next(v for *_, k, v in g.grads if k == "queries")
+    assert queries(1e-7) / 1e-14 == pytest.approx(queries(1e-2) / 1e-4, rel=1e-7)
+
+
+def _fixed_points(block, weights=None):
+    from kernelprop.symbolic import derive
+    net = kp.Network(block=block, depth=4, params=weights or {})
+    return derive(net, I.equicorrelated(8, 1.0, 0.5)).fixed_points
+
+
+def test_symbolic_fixed_point_rho_one_with_float_weights():
+    """α = 0.9, β = sqrt(0.19) as Python floats: ρ* = 1 with slope 1, as with the same weights given
+    exactly (before: no fixed point at all)."""
+    relu = [Dense(weight_var=2.0), Activation("relu"), Dense(weight_var=1.0)]
+    floats = _fixed_points([Residual(*relu, alpha=0.9, beta=0.19 ** 0.5)])
+    exact = _fixed_points([Residual(*relu, alpha="9/10", beta="sqrt(19/100)")])
+    for pts in (floats, exact):
+        assert [fp.values["rho"] for fp in pts] == [1]
+        assert float(pts[0].eigenvalues[0]) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("block", [
+    [Dense(weight_var=1.5), Activation("erf", scale=1.2)],
+    [Residual(LayerNorm(), Attention(heads=1, causal=False), alpha=1.0, beta=0.3),
+     Residual(LayerNorm(), Dense(), Activation("relu"), Dense(weight_var=2.0), beta=0.3)],
+])
+def test_symbolic_fixed_points_lie_in_the_equicorrelated_range(block):
+    """ρ of an equicorrelated kernel of T = 8 tokens lies in [−1/7, 1]; before, ρ = −1.0000000000000007
+    (erf block) and ρ = −0.63, −1.29 (residual block) were reported as fixed points."""
+    for fp in _fixed_points(block):
+        assert -1 / 7 - 1e-9 <= float(fp.values["rho"]) <= 1 + 1e-9

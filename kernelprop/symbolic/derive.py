@@ -37,6 +37,13 @@ def initial(sym):
     return sp.Symbol(f"{sym.name}_0", **sym.assumptions0)
 
 
+def _is(e, k: int) -> bool:
+    """``e`` is the number ``k`` exactly, as an Integer or a Float (since SymPy 1.13 ``Float(1.0) == 1`` is
+    False, so specs with float weights such as ``alpha = 1.0`` need this test, not ``==``)."""
+    e = sp.sympify(e) - k
+    return e == 0 or e.is_zero is True
+
+
 def _values(bm: BlockMap, tokens=None) -> dict:
     vals = bm.namespace.substitutions()
     if tokens is not None:
@@ -95,10 +102,10 @@ def _affine(exprs, variables):
 def _scalar_recursion(a, b, u0):
     """``u_l = a(l) u_{l−1} + b(l)``, ``u_0`` given: sympy ``rsolve``, else the product/sum formula."""
     l = S.l
-    if a == 0:
+    if _is(a, 0):
         return b
     if not (a.has(l) or b.has(l)):
-        if a == 1:
+        if _is(a, 1):
             return u0 + b * l
         u = sp.Function("u")
         try:
@@ -141,7 +148,7 @@ def _solve_linear(M, b, u0):
         return None
     sol = {}
     for i in order:
-        forcing = b[i] + sum((M[i, j] * sol[j].subs(l, l - 1) for j in range(n) if j != i and M[i, j] != 0),
+        forcing = b[i] + sum((M[i, j] * sol[j].subs(l, l - 1) for j in range(n) if j != i and not _is(M[i, j], 0)),
                              sp.Integer(0))
         sol[i] = _scalar_recursion(M[i, i], forcing, u0[i])
         if sol[i] is None:
@@ -160,7 +167,7 @@ def _collect_powers(e):
 def _triangular_order(M):
     """An order in which each coordinate depends only on itself and earlier ones, or None."""
     n = M.rows
-    deps = {i: {j for j in range(n) if j != i and M[i, j] != 0} for i in range(n)}
+    deps = {i: {j for j in range(n) if j != i and not _is(M[i, j], 0)} for i in range(n)}
     order, done = [], set()
     while len(order) < n:
         ready = [i for i in range(n) if i not in done and deps[i] <= done]
@@ -225,7 +232,7 @@ def _closed_equi(bm, out, inits):
     solution = {"q": ql.xreplace(start), "rho": ((ml - xl / T) / ql).xreplace(start)}
     if has_mu:
         solution["mu"] = tidy(sol[2].xreplace(start), 400)
-    elif "mu" in out and out["mu"] != 0:
+    elif "mu" in out and not _is(out["mu"], 0):
         solution["mu"] = tidy(explicit(out["mu"]).xreplace({q: solution["q"].subs(S.l, S.l - 1),
                                                            rho: solution["rho"].subs(S.l, S.l - 1)}), 400)
     M, b = aff
@@ -253,7 +260,7 @@ def _decoupled(bm, out, names, inits):
     l = S.l
     solved, valid = {}, {}
     targets = list(zip(names, bm.state))
-    if "mu" in out and "mu" not in names and out["mu"] != 0:
+    if "mu" in out and "mu" not in names and not _is(out["mu"], 0):
         targets.append(("mu", None))     # the mean as an output of the solved coordinates
     progress = True
     while progress:
@@ -333,7 +340,7 @@ def c_map(bm: BlockMap, tokens=None) -> CMap | None:
     chi_v = _num(chi, vals)
     lam_v = 0.5 * np.log(chi_v) if chi_v is not None and chi_v > 0 else None
     asym = None
-    if sp.simplify(chi - 1) == 0 and sp.simplify(c1 - 1) == 0:
+    if _is(sp.simplify(chi - 1), 0) and _is(sp.simplify(c1 - 1), 0):
         asym = _power_law(C)
     return CMap(C, q_free, c0, c1, chi, lam, chi_v, lam_v, asym)
 
@@ -363,7 +370,7 @@ def _power_law(C):
     ser = sp.expand(ser)
     terms = sorted(sp.Add.make_args(ser), key=lambda e: sp.degree(e, t) if e.is_polynomial(t) else 99)
     for term in terms:
-        if term == 0:
+        if _is(term, 0):
             continue
         coeff, power = term.as_coeff_exponent(t)
         if power <= 2:
@@ -434,10 +441,10 @@ def fixed_points(bm: BlockMap, tokens=None) -> list:
         qnote = ""
     else:
         return _numeric_2d(bm, out, vals, note="q' and ρ' depend on each other") if numeric else []
-    # ρ* = 1 exactly?
+    # ρ* = 1 exactly? (or to round-off, when weights are given as floats: 0.9² + 0.19 = 1 + 2e-16)
     one = tidy(sp.simplify(explicit(rfun.subs(rho, 1))))
     slope = sp.diff(rfun, rho)
-    if one == 1:
+    if _is(one, 1) or _is_one_to_roundoff(one, vals):
         s1 = explicit(slope.subs(rho, 1))
         if s1.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
             s1 = guarded(lambda e: sp.limit(e, rho, 1, "-"), explicit(slope), 20.0)
@@ -468,6 +475,22 @@ def fixed_points(bm: BlockMap, tokens=None) -> list:
     return points
 
 
+def _is_one_to_roundoff(e, vals, tol: float = 1e-12) -> bool:
+    """``e`` (ρ' at ρ = 1) equals 1 to ``tol`` for the spec's values and at several q: float weights
+    (``alpha = 0.9``, ``beta = 0.4359``) leave ``1.0000000000000002`` where exact weights give 1."""
+    e = explicit(e).xreplace(vals).xreplace(vals)
+    free = sorted(e.free_symbols, key=str)
+    points = [{}] if not free else [{s: v for s in free} for v in (sp.Rational(1, 3), sp.Integer(1), sp.Integer(7))]
+    for at in points:
+        try:
+            v = complex(sp.N(e.xreplace(at)))
+        except (TypeError, ValueError):
+            return False
+        if not abs(v - 1) <= tol:
+            return False
+    return True
+
+
 def _safe_call(f, x):
     try:
         v = complex(f(x))
@@ -485,10 +508,10 @@ def _q_behaviour(qmap, vals):
             return f"q* = {S.text(stars[0])}"
     at1 = tidy(sp.simplify(qmap.subs(rho, 1)))
     aff = _affine([at1], [q])
-    if aff is not None and aff[1][0] == 0:
+    if aff is not None and _is(aff[1][0], 0):
         kappa = _readable(aff[0][0, 0])
         kv = _num(kappa, vals)
-        if kappa == 1:
+        if _is(kappa, 1):
             return "at ρ = 1, q' = q"
         return (f"at ρ = 1, q' = ({S.text(kappa)})·q"
                 + (f" = {kv:.6g}·q" if kv is not None and not kappa.is_number else ""))
@@ -502,7 +525,7 @@ def _q_fixed(qmap, vals):
     aff = _affine([qmap], [q])
     if aff is not None:
         a, b = aff[0][0, 0], aff[1][0]
-        if b == 0:
+        if _is(b, 0):
             return []
         return [tidy(b / (1 - a))]
     try:
@@ -513,7 +536,10 @@ def _q_fixed(qmap, vals):
 
 
 def _numeric_2d(bm, out, vals, note):
-    """Fixed points of the full state map for the spec's values (scipy ``fsolve`` from a grid of starts)."""
+    """Fixed points of the full state map for the spec's values (scipy ``fsolve`` from a grid of starts);
+    roots with ρ outside ``[−1/(T−1), 1]`` (no equicorrelated kernel has them) are dropped."""
+    t = vals.get(S.T)
+    rho_min = -1.0 / (float(t) - 1) if t is not None and float(t) > 1 else -1.0
     from scipy.optimize import fsolve
     names = [str(s) for s in bm.state]
     exprs = [out[n].xreplace(vals).xreplace(vals) for n in names]
@@ -541,6 +567,8 @@ def _numeric_2d(bm, out, vals, note):
                 continue
         if ier != 1 or sol[0] <= 1e-12 or not np.all(np.isfinite(sol)) or np.max(np.abs(np.real(F(sol)))) > 1e-10:
             continue
+        if "rho" in names and not rho_min - 1e-9 <= sol[names.index("rho")] <= 1.0 + 1e-9:
+            continue          # outside the PSD range of an equicorrelated kernel: not a state, not a fixed point
         if any(np.allclose(sol, f, rtol=1e-7, atol=1e-9) for f in found):
             continue
         found.append(sol)
