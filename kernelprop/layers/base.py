@@ -53,12 +53,33 @@ RULES = {
 }
 
 
-def num(default, check="real", doc="", *, kernel=True):
+UNIT = "unit"
+"""Field value of a weight variance chosen from the data: the variance that gives the layer's output unit
+mean second moment over the batch's tokens (layer-sequential unit variance, Mishkin & Matas 2016; the
+per-layer init of DeepScaleLM, Kedia et al. 2024). Accepted by fields declared with ``num(..., unit=True)``."""
+
+
+def num(default, check="real", doc="", *, kernel=True, unit=False):
     """A numeric (possibly depth-dependent) dataclass field with a validity check.
 
-    ``kernel=False`` marks a field the wide-limit maps never read (e.g. a Monte Carlo width).
+    ``kernel=False`` marks a field the wide-limit maps never read (e.g. a Monte Carlo width);
+    ``unit=True`` lets the field take :data:`UNIT` (a variance chosen so that the output has unit variance).
     """
-    return field(default=default, metadata={"numeric": check, "doc": doc, "kernel": kernel})
+    return field(default=default, metadata={"numeric": check, "doc": doc, "kernel": kernel, "unit": unit})
+
+
+def unit_scale(sigma: np.ndarray, offset: float, where: str) -> float:
+    """The multiplier ``c`` of :data:`UNIT`: ``c · mean_i Σ_ii + offset = 1`` for the output kernel ``Σ``
+    computed at unit variance (``offset``: what is added regardless, e.g. a bias variance)."""
+    from ..errors import NumericalError
+    if offset >= 1.0:
+        raise SpecError(f"{where}", UNIT, f"needs the added variance (here {offset:g}) below 1: the output's "
+                        "mean variance cannot be brought to 1")
+    v = float(np.mean(np.diagonal(sigma))) if sigma.size else 0.0
+    if not v > 0.0 or not math.isfinite(v):
+        raise NumericalError(where, f"a unit-variance init needs an output of positive variance, got {v:.3g}",
+                             "give the field a number instead of \"unit\"")
+    return (1.0 - offset) / v
 
 
 def choice(default, options, doc=""):
@@ -114,7 +135,11 @@ class Layer:
             v = getattr(self, f.name)
             where = f"{self.kind}.{f.name}"
             if "numeric" in f.metadata:
-                if isinstance(v, str):
+                if v == UNIT and isinstance(v, str):
+                    if not f.metadata.get("unit"):
+                        raise SpecError(where, v, "\"unit\" (a variance chosen so that the output has unit "
+                                        "variance) is only for dense.weight_var and attention.out_var")
+                elif isinstance(v, str):
                     object.__setattr__(self, f.name, expressions.parse(v, where, known=None))
                 elif v is not None and not isinstance(v, expressions.Expr):
                     check_number(where, v, f.metadata["numeric"])
@@ -160,7 +185,12 @@ class Layer:
         """Names of the numeric fields the wide-limit maps read (inactive and Monte Carlo-only
         fields left out): the symbolic engine makes symbols of these, a sweep watches them."""
         return tuple(f.name for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                     if "numeric" in f.metadata and f.metadata.get("kernel", True))
+                     if "numeric" in f.metadata and f.metadata.get("kernel", True) and getattr(self, f.name) != UNIT)
+
+    def is_unit(self, name: str) -> bool:
+        """True when the field ``name`` holds :data:`UNIT` (chosen from the data at map time)."""
+        v = getattr(self, name)
+        return isinstance(v, str) and v == UNIT
 
     # ------------------------------------------------------------------------------------------
     # rules: the defaults refuse by name

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import NotSupportedError
 from ..kernel.state import ZERO
-from .base import Layer, Param, choice, num, register_layer, resolved
+from .base import Layer, Param, choice, num, register_layer, resolved, unit_scale
 
 
 @register_layer
@@ -25,7 +26,8 @@ class Dense(Layer):
     Kernel map: ``Σ' = σ_w² Σ + σ_b² 11ᵀ``, ``m' = 0`` (docs/theory.md §1).
     """
 
-    weight_var: Param = num(1.0, "nonneg", "σ_w²: weight variance times fan-in")
+    weight_var: Param = num(1.0, "nonneg", "σ_w²: weight variance times fan-in, or \"unit\" (the σ_w² that gives the "
+                            "output unit mean variance, docs/theory.md §5)", unit=True)
     bias_var: Param = num(0.0, "nonneg", "σ_b²: bias variance (one bias vector shared by all tokens)")
     width_factor: Param = num(1.0, "positive", kernel=False,
                               doc="output width as a multiple of the model width (Monte Carlo only)")
@@ -34,10 +36,13 @@ class Dense(Layer):
     kind = "dense"
 
     def kernel_map(self, s, ctx):
-        sigma = self.weight_var * s.sigma + self.bias_var
+        w = self.weight_var
+        if self.is_unit("weight_var"):     # σ_w² mean_i Σ_ii + σ_b² = 1
+            w = unit_scale(s.sigma, self.bias_var, f"{ctx.where}.weight_var")
+        sigma = w * s.sigma + self.bias_var
         out = s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
                         width=self.width_factor, head_blocks=False)
-        path, sig_in, width_in, w = ctx.path, s.sigma, s.width, self.weight_var
+        path, sig_in, width_in = ctx.path, s.sigma, s.width
 
         def back(pi, grads):
             grads.append((path, "dense", width_in * float(np.vdot(sig_in, pi))))
@@ -47,13 +52,21 @@ class Dense(Layer):
     def sample(self, x, ctx):
         from ..montecarlo import sampler as S
         fan_out = self.out_width(ctx.width)
+        unit = self.is_unit("weight_var")
+        var = 1.0 if unit else self.weight_var
         if not ctx.tape:
-            y = S.project(ctx, x, fan_out, self.weight_var, self.init)
+            y = S.project(ctx, x, fan_out, var, self.init)
+            if unit:
+                y *= _unit_multiplier(y, self.bias_var)
             if self.bias_var:
                 y += ctx.normal((1, fan_out)) * math.sqrt(self.bias_var)
             return y, None
-        w = S.weights(ctx, x.shape[-1], fan_out, self.weight_var, self.init)
+        w = S.weights(ctx, x.shape[-1], fan_out, var, self.init)
         y = np.matmul(x, w)
+        if unit:            # the realised weights are c·W: the pullback sees them, not W
+            c = _unit_multiplier(y, self.bias_var)
+            y *= c
+            w = w * c
         if self.bias_var:
             y += ctx.normal((1, fan_out)) * math.sqrt(self.bias_var)
         path, d = ctx.path, ctx.width
@@ -66,6 +79,9 @@ class Dense(Layer):
     def symbolic_map(self, s, ctx):
         """``Σ' = σ_w² Σ + σ_b² 11ᵀ``, ``m' = 0``."""
         from ..symbolic.maps import ZERO as SZERO
+        if self.is_unit("weight_var"):
+            raise NotSupportedError(f"{ctx.where}: weight_var = \"unit\" divides by the mean variance of the "
+                                    "input, which the symbolic state does not carry; give a number or an expression")
         w, b = ctx.value(self, "weight_var"), ctx.value(self, "bias_var")
         sigma = s.sigma * w + ctx.fam.ones() * b
         return s.replace(sigma=sigma, mean=ctx.fam.vector(0), gaussian=True, dep=None if s.dep is None else SZERO)
@@ -79,3 +95,10 @@ class Dense(Layer):
     def out_width(self, d: int) -> int:
         """The Monte Carlo output width ``round(width_factor · d)`` for model width d."""
         return max(1, int(round(resolved(self.width_factor) * d)))
+
+
+def _unit_multiplier(y: np.ndarray, offset: float) -> np.ndarray:
+    """Per network (leading axis): ``c`` with ``c² mean(y²) + offset = 1``, the finite-width :data:`UNIT` init
+    (measured on the batch at hand, as a data-dependent init is in practice)."""
+    v = np.mean(y * y, axis=tuple(range(1, y.ndim)), keepdims=True)
+    return np.sqrt((1.0 - offset) / np.where(v > 0, v, 1.0))

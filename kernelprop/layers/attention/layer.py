@@ -9,6 +9,7 @@ computation with random weights, and its exact transpose.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from ...errors import NotSupportedError, SpecError
 from ...inputs import segment_slices
 from ...kernel.state import ZERO, Dependence
-from ..base import Layer, Param, choice, num, register_layer, resolved
+from ..base import Layer, Param, choice, num, register_layer, resolved, unit_scale
 from ..composite import axpy
 from . import matrices as MX
 
@@ -54,7 +55,8 @@ class Attention(Layer):
     bias: Any = None
     qk_var: Param = num(1.0, "nonneg", "σ_qk²: score scale for tied scores")
     value_var: Param = num(1.0, "nonneg", "σ_v²")
-    out_var: Param = num(1.0, "nonneg", "σ_o²")
+    out_var: Param = num(1.0, "nonneg", "σ_o², or \"unit\" (the σ_o² that gives the output unit mean variance, "
+                         "docs/theory.md §5)", unit=True)
     values: str = choice("dense", ("dense", "identity"), "value weights")
     projection: str = choice("dense", ("dense", "identity"), "output projection")
     matrix: str = choice("softmax", ("softmax", "value_skipinit", "shaped"), "attention-matrix modification")
@@ -173,8 +175,13 @@ class Attention(Layer):
                 dep = Dependence("dense", p, headwise=dep.headwise or len(heads) > 1)
             return s.replace(sigma=sigma, mean=mean, dep=dep, quad_error=s.quad_error + err,
                              head_blocks=s.head_blocks or distinct), back
-        scale = (self.value_var if self.values == "dense" else 1.0) * \
-                (self.out_var if self.projection == "dense" else 1.0)
+        layer = self
+        if self.projection == "dense" and self.is_unit("out_var"):     # σ_o² chosen from this layer's output
+            c = unit_scale(sigma * (self.value_var if self.values == "dense" else 1.0), 0.0, f"{ctx.where}.out_var")
+            layer = dataclasses.replace(self, out_var=c)
+            back = layer._backward(heads, s.sigma, s.segments, ctx.path)
+        scale = (layer.value_var if layer.values == "dense" else 1.0) * \
+                (layer.out_var if layer.projection == "dense" else 1.0)
         if scale != 1.0:
             sigma *= scale
         return s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
@@ -279,7 +286,12 @@ class Attention(Layer):
                 y -= self.gamma * np.matmul(c, vh)
             out[:, sl] = _unheads(y, b, t)
             segs.append((sl, t, vh, a, c, offsets))
-        y, wo = (out, None) if self.projection == "identity" else linear(out, w, self.out_var)
+        unit = self.projection == "dense" and self.is_unit("out_var")
+        y, wo = (out, None) if self.projection == "identity" else linear(out, w, 1.0 if unit else self.out_var)
+        if unit:            # σ_o² from the output at hand; the pullback sees the realised c·W_O
+            c = np.sqrt(1.0 / np.maximum(np.mean(y * y, axis=(1, 2), keepdims=True), np.finfo(float).tiny))
+            y = y * c
+            wo = None if wo is None else wo * c
         if not tape:
             return y, None
         # query-gradient norms in the engine's convention (montecarlo.backward docstring)
@@ -413,6 +425,9 @@ class Attention(Layer):
         """``Σ' = σ_v²σ_o² (1/H) Σ_h A_h Σ A_hᵀ``; weight-free (identity values and projection): ``m' = A m``."""
         from ...symbolic.maps import ZERO as SZERO
         from ...symbolic.maps import Dep, total
+        if self.projection == "dense" and self.is_unit("out_var"):
+            raise NotSupportedError(f"{ctx.where}: out_var = \"unit\" divides by the mean variance of the attention "
+                                    "output, which the symbolic state does not carry; give a number or an expression")
         if self.scores == "standard":
             raise NotSupportedError(f"{ctx.where}: standard 1/sqrt(d_k) scores stay random at infinite width; "
                                     "their kernel E[A Σ Aᵀ] has no closed form (the numeric engine estimates it)")
