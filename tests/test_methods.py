@@ -141,6 +141,10 @@ def mlp(s):  # Dense(1) → ReLU → Dense(2): fresh weights, so no cross term w
     return 2 * relu_k(s)
 
 
+def unit(s):  # a "unit" last init: the branch's mean variance brought to 1
+    return s / np.mean(np.diag(s))
+
+
 def attn(s, value=1.0):
     a = causal_a()
     return value * a @ s @ a.T
@@ -153,8 +157,8 @@ HAND = {  # preset → (one block by hand, final map by hand), depth L = 6
     "deepnorm": (lambda s, L: (lambda z: ln(np.sqrt(2 * L) * z + mlp(ln(z) / (8 * L) ** 0.5) / (8 * L) ** 0.5))(
         ln(np.sqrt(2 * L) * s + attn(s) / (8 * L))), None),
     "gpt2": (lambda s, L: (lambda z: z + mlp(ln(z)) / (2 * L))(s + attn(ln(s)) / (2 * L)), ln),
-    "deepscalelm": (lambda s, L: (lambda z: (1 - 2 / L) * z + 2 / L * mlp(ln(z)))(
-        (1 - 2 / L) * s + 2 / L * attn(ln(s))), ln),
+    "deepscalelm": (lambda s, L: (lambda z: (1 - 2 / L) * z + 2 / L * unit(mlp(ln(z))))(
+        (1 - 2 / L) * s + 2 / L * unit(attn(ln(s)))), ln),
     "vanilla": (lambda s, L: mlp(attn(s)), None),
     "rezero": (lambda s, L: s, None),
     "layerscale": (lambda s, L: (lambda z: z + 0.01 * mlp(ln(z)))(s + 0.01 * attn(ln(s))), ln),

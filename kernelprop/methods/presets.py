@@ -83,9 +83,11 @@ def gpt2(o):
 
 
 def deepscalelm(o):
-    # Kedia et al. 2024: x ← λx + βf(x), λ² + β² = 1, β² = k/L, unit-variance blocks
-    return [Residual(LayerNorm(), _attn(o), alpha="sqrt(1 - k/L)", beta="sqrt(k/L)"),
-            Residual(LayerNorm(), *mlp(o["activation"]), alpha="sqrt(1 - k/L)", beta="sqrt(k/L)")], [LayerNorm()]
+    # Kedia et al. 2024: x ← λx + βf(x), λ² + β² = 1, β² = k/L; each branch's last init (σ_o², the FFN's
+    # second σ_w²) chosen from the propagated kernel so that the branch output has unit variance
+    lam, beta = "sqrt(1 - k/L)", "sqrt(k/L)"
+    return [Residual(LayerNorm(), _attn(o, out_var="unit"), alpha=lam, beta=beta),
+            Residual(LayerNorm(), *mlp(o["activation"], out_var="unit"), alpha=lam, beta=beta)], [LayerNorm()]
 
 
 def vanilla(o):
@@ -135,7 +137,8 @@ PRESETS = {p.name: p for p in [
     Preset("layerscale", "Pre-LN with branch weight eps (0.1 for L ≤ 18, 1e-5 for L ≤ 24, 1e-6 deeper)",
            "Touvron et al. 2021", layerscale, {"eps": None}),
     Preset("gpt2", "Pre-LN with residual output weights scaled by 1/sqrt(2L)", "Radford et al. 2019", gpt2),
-    Preset("deepscalelm", "Pre-LN, x ← λx + βf(x), λ² + β² = 1, β² = k/L", "Kedia et al. 2024", deepscalelm,
+    Preset("deepscalelm", "Pre-LN, x ← λx + βf(x), λ² + β² = 1, β² = k/L, unit-variance branches (σ_o² and the "
+           "FFN's σ_w² set to \"unit\")", "Kedia et al. 2024", deepscalelm,
            {"k": 2.0}),
     Preset("vanilla", "no skips, no normalisation: x ← MLP(Attn(x))", "He et al. 2023", vanilla),
     Preset("e_spa", "vanilla with E-SPA attention and TAT leaky-ReLU MLP", "He et al. 2023", spa("e-spa"),
