@@ -19,6 +19,7 @@ from kernelprop import inputs as I
 from kernelprop import montecarlo as mc
 from kernelprop import symbolic as S
 from kernelprop.errors import NotSupportedError, SpecError
+from kernelprop.kernel.activations import ACTIVATIONS
 from kernelprop.kernel.maps import Context
 from kernelprop.kernel.state import KernelState
 from kernelprop.network.layers import Activation, Dense, Network
@@ -217,3 +218,221 @@ def test_symbolic_map_uses_the_closed_forms_on_alpha_squared_sigma_and_refuses_a
     sym = S.evaluate(S.block_map(shifted, opaque=True), x)
     ref = kp.propagate(shifted, x)
     assert np.abs(sym.kernels - ref.kernels).max() <= max(1e-13, ref["quad_error"].max())
+
+
+# ----------------------------------------------------------------------------------------------
+# the DKS/TAT solver, re-measured through the engine's own Activation layer
+
+from scipy import optimize  # noqa: E402
+
+from kernelprop.methods import cmaps, dks  # noqa: E402
+
+SMOOTH = ["tanh", "softplus", "silu", "gelu", "erf"]
+ONE = KernelState(np.ones((1, 1)), np.zeros(1), (1,))
+
+
+def _q_slope(layer, h=3e-3):
+    """``Q'(1)`` from the engine's q-map: 6th-order central difference (truncation ~h⁶, noise ~1e-15/h)."""
+    q = cmaps.q_map([layer], 1.0 + h * np.array([-3, -2, -1, 1, 2, 3]))
+    return (45.0 * (q[3] - q[2]) - 9.0 * (q[4] - q[1]) + (q[5] - q[0])) / (60.0 * h)
+
+
+def engine_maps(layer):
+    """Q(1), Q'(1), C(0) from the q- and C-maps; C'(1) = γ²α² E[φ'²]/Q(1) from the layer's backward rule."""
+    q1 = float(cmaps.q_map([layer], 1.0)[0])
+    _, back = layer.kernel_map(ONE, Context())
+    return {"Q(1)": q1, "Q'(1)": _q_slope(layer), "C(0)": float(cmaps.c_map([layer], 0.0)[0]),
+            "C'(1)": float(back(np.ones((1, 1)), {})[0, 0]) / q1}
+
+
+def engine_curvature(tr, dphi, d2phi):
+    """``C''(1) = γ²α⁴ E[φ''(αz + β)²]/Q(1)`` from the backward rule of the Activation layer of φ'
+    (Price's theorem twice), with the same α, β and output scale γα."""
+    layer = Activation(dphi, scale=tr.gamma * tr.alpha, input_scale=tr.alpha, input_shift=tr.beta, derivative=d2phi)
+    _, back = layer.kernel_map(ONE, Context())
+    return float(back(np.ones((1, 1)), {})[0, 0]) / float(cmaps.q_map([tr.activation()], 1.0)[0])
+
+
+def fitted_curvature(layer):
+    """``C''(1)`` from the C-map alone: a degree-5 polynomial fit of ``C(1 − h)``, h ∈ [1e-3, 0.05]."""
+    h = np.linspace(1e-3, 0.05, 30)
+    coef = np.polynomial.polynomial.polyfit(h, cmaps.c_map([layer], 1.0 - h), 5)
+    return 2.0 * coef[2]
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("depth", [2, 30])
+def test_dks_transform_meets_its_conditions_through_the_engine_layer(name, depth):
+    """Q(1) = 1, Q'(1) = 1, C(0) = 0 and C'(1) = ζ^(1/D) (ζ = 1.5) to ≤ 1e-10 through the engine's layer
+    (β ≠ 0: its quadrature path); the slope also from ``c_map_slope``'s fit of the C-map (to 1e-6)."""
+    tr = dks.dks_transform(name, depth)
+    xi = 1.5 ** (1.0 / depth)
+    m = engine_maps(tr.activation())
+    for key, target in {"Q(1)": 1.0, "Q'(1)": 1.0, "C(0)": 0.0, "C'(1)": xi}.items():
+        assert abs(m[key] - target) <= 1e-10, (key, m[key], target)
+        assert abs(tr.achieved[key] - target) <= 1e-12
+    assert abs(tr.achieved["C'_net(1)"] - 1.5) <= 1e-12 and tr.quad_error <= 1e-10
+    assert tr.alpha > 0 and tr.beta != 0.0
+    assert cmaps.c_map_slope([tr.activation()]) == pytest.approx(xi, abs=1e-6)
+
+
+def test_dks_network_slope_of_the_chain_is_zeta():
+    """``C'_net(1) = ζ`` for Dense → φ̂ repeated D times (the engine's C-map of the whole chain)."""
+    depth = 3
+    tr = dks.dks_transform("gelu", depth, zeta=2.0)
+    chain = [Dense(), tr.activation()] * depth
+    assert cmaps.c_map_slope(chain) == pytest.approx(2.0, abs=1e-6)
+    np.testing.assert_allclose(cmaps.q_map(chain, 1.0), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(cmaps.c_map(chain, 0.0), 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("depth", [1, 30])
+def test_tat_transform_meets_its_conditions_through_the_engine_layer(name, depth):
+    """Q(1) = Q'(1) = C'(1) = 1 and C''(1) = τ/D (τ = 0.3): the first three through the engine's layer,
+    C''(1) through the backward rule of the layer of φ' (≤ 1e-10) and a fit of the C-map (≤ 1e-6)."""
+    tr = dks.tat_transform(name, depth)
+    m = engine_maps(tr.activation())
+    for key in ("Q(1)", "Q'(1)", "C'(1)"):
+        assert abs(m[key] - 1.0) <= 1e-10, (key, m[key])
+    curv = engine_curvature(tr, ACTIVATIONS[name].dphi, dks.SECOND_DERIVATIVES[name])
+    assert abs(curv - 0.3 / depth) <= 1e-10
+    assert fitted_curvature(tr.activation()) == pytest.approx(0.3 / depth, abs=1e-6)
+    assert tr.alpha * tr.gamma < 2.0 and max(abs(r) for r in tr.residuals.values()) <= 1e-12
+
+
+def _datan(x):
+    return 1.0 / (1.0 + x * x)
+
+
+def _d2atan(x):
+    return -2.0 * x / (1.0 + x * x) ** 2
+
+
+def test_a_callable_with_its_derivative_is_solved_and_phi_second_defaults_to_a_difference():
+    tr = dks.dks_transform(np.arctan, 5, derivative=_datan)
+    m = engine_maps(tr.activation())
+    assert abs(m["Q'(1)"] - 1.0) <= 1e-10 and abs(m["C'(1)"] - 1.5 ** 0.2) <= 1e-10 and abs(m["C(0)"]) <= 1e-10
+    exact = dks.tat_transform(np.arctan, 5, derivative=_datan, second_derivative=_d2atan)
+    diff = dks.tat_transform(np.arctan, 5, derivative=_datan)
+    np.testing.assert_allclose(diff.parameters, exact.parameters, rtol=1e-10)
+    assert abs(engine_curvature(exact, _datan, _d2atan) - 0.06) <= 1e-10
+
+
+def _resnet_max(x, r, w=0.6):
+    """The maximal-C function of the modified ResNet-101 of Martens et al. (2021) used in the tests of
+    their reference implementation: groups of (3, 4, 23, 3) blocks, residual branches of three
+    nonlinear layers, a nonlinear shortcut in each group's first block, weights w² and 1 − w², a
+    final nonlinear layer; the maximum over subnetworks also includes one branch alone."""
+    branch = r(r(r(x)))
+    for blocks in (3, 4, 23, 3):
+        for j in range(blocks):
+            shortcut = r(x) if j == 0 else x
+            x = w * w * shortcut + (1.0 - w * w) * r(r(r(x)))
+    return max(r(x), branch)
+
+
+# parameters published by the reference implementation (github.com/google-deepmind/dks,
+# tests/test_activation_transform.py) for that network with ζ = 1.2, τ = 0.2, η = 0.75:
+# (input_scale α, input_shift β, output_shift δ, output_scale γ)
+PUBLISHED = {
+    ("dks", "tanh"): (0.07461073057540868, 0.5566915199964182, -0.5034378768692127, 18.002635964442558),
+    ("dks", "softplus"): (0.18761008168267976, 0.40688063442262007, -0.9213466151411376, 8.878672543665223),
+    ("dks", "gelu"): (0.07043253126531114, 0.259489297927707, -0.15815378961903598, 20.21158902315857),
+    ("tat", "tanh"): (0.0580205218578313, 0.5218639804099805, -0.4796430704354356, 22.36066261763117),
+    ("tat", "softplus"): (0.15011489794748328, 0.5374599901127068, -0.996481014465811, 10.54880187880574),
+}
+
+
+@pytest.mark.parametrize("method,name", sorted(PUBLISHED))
+def test_published_transforms_of_the_reference_implementation(method, name):
+    """The per-layer targets follow from the network's maximal slope / curvature functions
+    (C'_max(ξ) = ζ with composition replaced by products, C''_max(κ) = τ with sums); the solver then
+    reproduces the published (α, β, δ, γ) to 1e-7 relative (measured: ≤ 2.5e-8; the reference solves
+    with scipy's hybr at its default xtol = 1.49e-8, this solver at 1e-14)."""
+    if method == "dks":
+        xi = optimize.brentq(lambda v: _resnet_max(1.0, lambda y: v * y) - 1.2, 1.0, 2.0, xtol=1e-15)
+        tr = dks.dks_transform(name, local_slope=xi)
+    else:
+        kappa = optimize.brentq(lambda v: _resnet_max(0.0, lambda y: v + y) - 0.2, 0.0, 1.0, xtol=1e-15)
+        tr = dks.tat_transform(name, local_curvature=kappa)
+    a, b, d, g = PUBLISHED[method, name]
+    np.testing.assert_allclose([tr.alpha, tr.beta, tr.delta, tr.gamma], [a, b, d, g], rtol=1e-7)
+
+
+def test_published_tat_leaky_relu_slope_of_the_reference_implementation():
+    """η = 0.75 for the same network: C_max(0) with the leaky ReLU C-map gives s = 0.6291800290346146."""
+    s = optimize.brentq(lambda v: _resnet_max(0.0, lambda c: float(dks.leaky_relu_c_map(c, v))) - 0.75, 0.0, 1.0,
+                        xtol=1e-15)
+    assert s == pytest.approx(0.6291800290346146, abs=1e-9)
+    assert math.sqrt(2.0 / (1.0 + s * s)) == pytest.approx(1.196996549778802, abs=1e-9)
+
+
+@pytest.mark.parametrize("depth,eta", [(1, 0.2), (12, 0.5), (48, 0.9), (200, 0.95)])
+def test_tat_leaky_relu_reaches_eta_through_the_engine(depth, eta):
+    slope, scale = dks.tat_leaky_relu(depth, eta)
+    layer = Activation("leaky_relu", {"slope": slope}, scale=scale)
+    assert abs(cmaps.network_c_map([layer], depth, 0.0)[0] - eta) <= 1e-12
+    assert abs(cmaps.q_map([layer], 1.0)[0] - 1.0) <= 1e-14
+    tr = dks.tat_transform("leaky_relu", depth, eta=eta)
+    assert tr.params == {"slope": slope} and tr.parameters == (1.0, 0.0, scale, 0.0)
+    assert abs(tr.residuals["C_net(0)"]) <= 1e-12 and abs(tr.achieved["C'(1)"] - 1.0) <= 1e-15
+
+
+def test_tat_leaky_relu_generalises_the_c_map_module_version():
+    """Same slopes as :func:`kernelprop.methods.cmaps.tat_leaky_relu` (root of the engine's C_net(0)) on
+    its domain η ∈ (0, 1)."""
+    for depth, eta in [(3, 0.4), (50, 0.9)]:
+        np.testing.assert_allclose(dks.tat_leaky_relu(depth, eta), cmaps.tat_leaky_relu(depth, eta), rtol=1e-10)
+
+
+def test_tat_leaky_relu_eta_zero_is_the_linear_network():
+    assert dks.tat_leaky_relu(7, 0.0) == (1.0, 1.0)
+    layer = dks.tat_transform("leaky_relu", 7, eta=0.0).activation()
+    np.testing.assert_allclose(cmaps.network_c_map([layer], 7, [0.0, 0.3]), [0.0, 0.3], atol=1e-15)
+    # a tiny η gives a slope just below 1, continuously
+    s, _ = dks.tat_leaky_relu(7, 1e-6)
+    assert 0.999 < s < 1.0
+
+
+@pytest.mark.parametrize("call,field,words", [
+    (lambda: dks.tat_leaky_relu(3, 0.99), "eta", "out of reach at depth 3"),
+    (lambda: dks.tat_leaky_relu(3, 1.0), "eta", "[0, 1)"),
+    (lambda: dks.tat_leaky_relu(3, -0.1), "eta", "[0, 1)"),
+    (lambda: dks.tat_leaky_relu(0, 0.5), "depth", ">= 1"),
+    (lambda: dks.tat_leaky_relu(True, 0.5), "depth", "whole number"),
+    (lambda: dks.dks_transform("tanh", 4, zeta=1.0), "zeta", "> 1"),
+    (lambda: dks.dks_transform("tanh", 4, zeta=0.8), "zeta", "> 1"),
+    (lambda: dks.dks_transform("tanh", 2.5), "depth", "whole number"),
+    (lambda: dks.dks_transform("tanh"), "depth", "give the depth"),
+    (lambda: dks.dks_transform("tanh", 3, local_slope=1.1), "local_slope", "not both"),
+    (lambda: dks.dks_transform("relu", 3), "phi", "not smooth"),
+    (lambda: dks.tat_transform("abs", 3), "phi", "not smooth"),
+    (lambda: dks.dks_transform("identity", 3), "phi", "linear"),
+    (lambda: dks.dks_transform(np.arctan, 3), "derivative", "derivative="),
+    (lambda: dks.tat_transform("tanh", 3, tau=0.0), "tau", "> 0"),
+    (lambda: dks.tat_transform("tanh", 3, tau=float("nan")), "tau", "> 0"),
+    (lambda: dks.tat_transform("leaky_relu", 3, params={"slope": 0.1}), "params", "no params"),
+])
+def test_bad_targets_are_refused_naming_the_field(call, field, words):
+    with pytest.raises(SpecError) as info:
+        call()
+    assert info.value.field == field and words in str(info.value)
+
+
+def test_a_slope_softplus_cannot_reach_is_refused_with_what_is_reachable():
+    """ζ = 1.5 in one softplus layer: refused, naming the largest C'(1) found; that slope is reachable,
+    and so is ζ = 1.5 at the depth the message names."""
+    with pytest.raises(SpecError, match="out of reach for 'softplus'") as info:
+        dks.dks_transform("softplus", 1)
+    msg = str(info.value)
+    top = float(msg.split("is C'(1) = 1.5, but the largest C'(1) found with Q'(1) = 1, C(0) = 0 is ")[1].split()[0])
+    assert 1.3 < top < 1.5
+    assert abs(dks.dks_transform("softplus", local_slope=0.999 * top).achieved["C'(1)"] - 0.999 * top) <= 1e-12
+    need = int(msg.split("ζ = 1.5 at depth >= ")[1].split()[0])
+    dks.dks_transform("softplus", need)
+
+
+def test_a_non_smooth_callable_is_refused_when_the_quadrature_cannot_resolve_it():
+    with pytest.raises(SpecError, match="not resolved by the Gauss–Hermite quadrature"):
+        dks.dks_transform(_elu, 2, derivative=_delu)
