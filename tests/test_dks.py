@@ -212,6 +212,15 @@ def test_symbolic_map_uses_the_closed_forms_on_alpha_squared_sigma_and_refuses_a
     sym, ref = S.evaluate(bm, x), kp.propagate(net, x)
     np.testing.assert_allclose(sym.kernels, ref.kernels, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(sym.means, ref.means, rtol=1e-12, atol=1e-13)
+    # with α and δ as symbols, the ReLU's q-map is γ²(α²q/2 + 2δ|α|sqrt(q/(2π)) + δ²) (by hand)
+    import sympy as sp
+    bm = S.block_map(Network(block=[Dense(), Activation("relu", scale=1.2, input_scale=0.7, offset=-0.4), Dense()],
+                             depth=1), symbols=["input_scale", "offset"])
+    q_out = bm.block.steps[1].outputs[0]
+    a, d = sp.Symbol("input_scale", real=True), sp.Symbol("offset", real=True)
+    q = next(s for s in q_out.free_symbols if s.name == "q")
+    hand = sp.Rational(36, 25) * (a ** 2 * q / 2 + 2 * d * sp.Abs(a) * sp.sqrt(q / (2 * sp.pi)) + d ** 2)
+    assert sp.simplify(q_out - hand) == 0
     shifted = Network(block=[Dense(), _layer("tanh-shifted"), Dense()], depth=2)
     with pytest.raises(NotSupportedError, match="input_shift β = 2/5 has no closed-form kernel"):
         S.block_map(shifted)
