@@ -111,7 +111,8 @@ class Activation(Layer):
         _, a, b, _ = self.transform()
         if b == 0.0:
             sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
-            return activations.activation_kernel(self.name, sig, self.params, nodes=nodes)
+            return activations.activation_kernel(self.name, sig, self.params, nodes=nodes,
+                                                 **_kinks_keyword(activations.activation_kernel, self._own_kinks()))
         phi = self.pointwise()
         return activations.activation_kernel(lambda x: phi(a * x + b), sigma, nodes=nodes,
                                              **_kinks_keyword(activations.activation_kernel, self._moved_kinks()))
@@ -122,12 +123,18 @@ class Activation(Layer):
         if b == 0.0:
             sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
             return activations.derivative_kernel(self.name, sig, self.params, derivative=self.derivative,
-                                                 nodes=nodes)
+                                                 nodes=nodes,
+                                                 **_kinks_keyword(activations.derivative_kernel, self._own_kinks()))
         phi = self.pointwise()
         dphi = None if (callable(self.name) and self.derivative is None) else self.derivative_fn()
         shifted = None if dphi is None else (lambda x: dphi(a * x + b))
         return activations.derivative_kernel(lambda x: phi(a * x + b), sigma, derivative=shifted, nodes=nodes,
                                              **_kinks_keyword(activations.derivative_kernel, self._moved_kinks()))
+
+    def _own_kinks(self) -> tuple[float, ...]:
+        """A callable's declared kinks, for the ``β = 0`` path (on ``α²Σ`` they stay in φ's argument); a
+        registered activation's are its closed forms' or the quadrature's business."""
+        return tuple(_phi_kinks(self)) if callable(self.name) and not isinstance(self.name, str) else ()
 
     def _moved_kinks(self) -> tuple[float, ...]:
         """The kinks of ``x ↦ φ(αx + β)``: φ's kinks ``k`` moved to ``(k − β)/α`` (none when ``α = 0``)."""
