@@ -1,15 +1,22 @@
-"""Elementwise activation ``scale · φ(x)``: description and every rule.
+"""Elementwise activation in the DKS/TAT form ``φ̂(x) = γ·(φ(α·x + β) + δ)``: description and every rule.
 
-Kernel map (docs/theory.md §1): on a zero-mean Gaussian stream ``u ~ N(0, Σ)``,
-``Σ'_ij = scale² E[φ(u_i)φ(u_j)]``, ``m'_i = scale E[φ(u_i)]`` — closed forms for the ReLU family,
-abs, erf and GELU, 2-D Gauss–Hermite quadrature with an error estimate otherwise
-(:mod:`kernelprop.kernel.activations`). Backward: ``Π_x = scale² Π_h ⊙ E[φ'(u_i)φ'(u_j)]``.
-Finite width: ``scale·φ(X)``, pulled back by ``scale·φ'(X) ⊙ G``.
+``γ`` is the field ``scale``, ``α`` ``input_scale``, ``β`` ``input_shift``, ``δ`` ``offset`` (the
+transformed activation of Martens et al. 2021, DKS, and Zhang et al. 2022, TAT; docs/dks.md).
+
+Kernel map (docs/theory.md §1, docs/dks.md §1): on a zero-mean Gaussian stream ``u ~ N(0, Σ)``, with
+``K = E[φ(αu_i + β) φ(αu_j + β)]`` and ``m_i = E[φ(αu_i + β)]``,
+``Σ'_ij = γ²(K_ij + δ(m_i + m_j) + δ²)``, ``m'_i = γ(m_i + δ)``. For ``β = 0`` the closed forms
+(ReLU family, abs, erf, GELU, identity) are evaluated on ``α²Σ``; otherwise, and for activations
+without closed form, 2-D Gauss–Hermite quadrature of ``x ↦ φ(αx + β)`` with an error estimate
+(:mod:`kernelprop.kernel.activations`), its kinks moved to ``(k − β)/α``.
+Backward: ``Π_x = γ²α² Π_h ⊙ E[φ'(αu_i + β) φ'(αu_j + β)]``.
+Finite width: ``γ(φ(αX + β) + δ)``, pulled back by ``γα φ'(αX + β) ⊙ G``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +26,7 @@ import numpy as np
 from ..errors import NotSupportedError, SpecError
 from ..kernel import activations
 from ..kernel.state import UNKNOWN
-from .base import Layer, Param, num, register_layer
+from .base import Layer, Param, num, register_layer, resolved
 
 _NOT_GAUSSIAN = ("acts on a stream that is not zero-mean Gaussian (it follows another activation or dropout "
                  "without a Dense layer in between, or it carries a per-token mean: the input's `mean`, or a "
@@ -30,16 +37,21 @@ _NOT_GAUSSIAN = ("acts on a stream that is not zero-mean Gaussian (it follows an
 @register_layer
 @dataclass(frozen=True, eq=False)
 class Activation(Layer):
-    """Elementwise ``scale · φ(x)`` on a Gaussian stream: ``Σ'_ij = scale² E[φ(u_i)φ(u_j)]``, ``u ~ N(0, Σ)``.
+    """Elementwise ``γ·(φ(α·x + β) + δ)`` on a Gaussian stream (DKS/TAT form; docs/dks.md).
 
     ``name`` is a registered activation (see :data:`kernelprop.kernel.activations.ACTIVATIONS`) or a
     vectorised callable (evaluated by Gauss–Hermite quadrature). ``params`` holds its parameters,
     e.g. ``{"slope": 0.2}`` for ``leaky_relu``; ``derivative`` is φ' of a callable (for backward passes).
+    ``scale``, ``input_scale``, ``input_shift`` and ``offset`` are DKS's γ, α, β and δ (Martens et al.
+    2021); the defaults 1, 1, 0, 0 give plain ``φ(x)``. :mod:`kernelprop.methods.dks` solves for them.
     """
 
     name: Any = "relu"
     params: Mapping = field(default_factory=dict)
-    scale: Param = num(1.0, "real", "output multiplier")
+    scale: Param = num(1.0, "real", "γ: output multiplier, γ·(φ(α·x + β) + δ) (DKS/TAT's γ)")
+    input_scale: Param = num(1.0, "real", "α: input multiplier, φ(α·x + β) (DKS/TAT's α)")
+    input_shift: Param = num(0.0, "real", "β: input shift, φ(α·x + β) (DKS/TAT's β)")
+    offset: Param = num(0.0, "real", "δ: output offset, added to φ(α·x + β) before γ (DKS/TAT's δ)")
     derivative: Callable | None = None
     kind = "activation"
 
@@ -61,6 +73,11 @@ class Activation(Layer):
 
     # --- infinite width ------------------------------------------------------------------------
 
+    def transform(self) -> tuple[float, float, float, float]:
+        """``(γ, α, β, δ)`` of a resolved layer."""
+        return (resolved(self.scale), resolved(self.input_scale), resolved(self.input_shift),
+                resolved(self.offset))
+
     def kernel_map(self, s, ctx):
         if not s.gaussian or np.any(s.mean):
             raise NotSupportedError(f"{ctx.where}: activation {self.label!r} {_NOT_GAUSSIAN}")
@@ -69,20 +86,62 @@ class Activation(Layer):
                 f"{ctx.where}: activation {self.label!r} acts on a stream whose head blocks have different kernels "
                 "(a weight-free attention with per-head biases came before it): the kernel of the average is not "
                 "the average of the kernels; put a Dense layer (or attention with value weights) in between")
-        k, m, err = activations.activation_kernel(self.name, s.sigma, self.params, nodes=ctx.quad_nodes)
-        c = self.scale
+        g, a, _, d = self.transform()
+        k, m, err = self.inner_kernel(s.sigma, ctx.quad_nodes)
+        if d != 0.0:
+            k = k + d * (m[..., :, None] + m[..., None, :]) + d * d
+            m = m + d
         dep = s.dep
         if dep is not None and dep.kind not in ("zero",):
             dep = UNKNOWN
-        out = s.replace(sigma=c * c * k, mean=c * m, gaussian=self.label == "identity",
-                        dep=dep, quad_error=c * c * (s.quad_error + err))
+        out = s.replace(sigma=g * g * k, mean=g * m, gaussian=self.label == "identity",
+                        dep=dep, quad_error=g * g * (a * a * s.quad_error + (1.0 + 2.0 * abs(d)) * err))
         sig_in, nodes = s.sigma, ctx.quad_nodes
 
         def back(pi, grads):
-            kp, _, _ = activations.derivative_kernel(self.name, sig_in, self.params, derivative=self.derivative,
-                                                     nodes=nodes)
-            return pi * ((self.scale ** 2) * kp)
+            kp, _, _ = self.inner_derivative_kernel(sig_in, nodes)
+            return pi * ((g * a) ** 2 * kp)
         return out, back
+
+    def inner_kernel(self, sigma, nodes=None):
+        """``(K, m, err)``: ``K_ij = E[φ(αu_i + β) φ(αu_j + β)]``, ``m_i = E[φ(αu_i + β)]``, ``u ~ N(0, sigma)``.
+
+        ``β = 0``: the registry's closed forms (or quadrature) on ``α²Σ``; ``β ≠ 0``: quadrature of
+        ``x ↦ φ(αx + β)`` with φ's kinks moved to ``(k − β)/α``."""
+        _, a, b, _ = self.transform()
+        if b == 0.0:
+            sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
+            return activations.activation_kernel(self.name, sig, self.params, nodes=nodes,
+                                                 **_kinks_keyword(activations.activation_kernel, self._own_kinks()))
+        phi = self.pointwise()
+        return activations.activation_kernel(lambda x: phi(a * x + b), sigma, nodes=nodes,
+                                             **_kinks_keyword(activations.activation_kernel, self._moved_kinks()))
+
+    def inner_derivative_kernel(self, sigma, nodes=None):
+        """``(K', m', err)``: ``K'_ij = E[φ'(αu_i + β) φ'(αu_j + β)]`` (without the factor γ²α²)."""
+        _, a, b, _ = self.transform()
+        if b == 0.0:
+            sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
+            return activations.derivative_kernel(self.name, sig, self.params, derivative=self.derivative,
+                                                 nodes=nodes,
+                                                 **_kinks_keyword(activations.derivative_kernel, self._own_kinks()))
+        phi = self.pointwise()
+        dphi = None if (callable(self.name) and self.derivative is None) else self.derivative_fn()
+        shifted = None if dphi is None else (lambda x: dphi(a * x + b))
+        return activations.derivative_kernel(lambda x: phi(a * x + b), sigma, derivative=shifted, nodes=nodes,
+                                             **_kinks_keyword(activations.derivative_kernel, self._moved_kinks()))
+
+    def _own_kinks(self) -> tuple[float, ...]:
+        """A callable's declared kinks, for the ``β = 0`` path (on ``α²Σ`` they stay in φ's argument); a
+        registered activation's are its closed forms' or the quadrature's business."""
+        return tuple(_phi_kinks(self)) if callable(self.name) and not isinstance(self.name, str) else ()
+
+    def _moved_kinks(self) -> tuple[float, ...]:
+        """The kinks of ``x ↦ φ(αx + β)``: φ's kinks ``k`` moved to ``(k − β)/α`` (none when ``α = 0``)."""
+        _, a, b, _ = self.transform()
+        if a == 0.0:
+            return ()
+        return tuple(sorted((float(k) - b) / a for k in _phi_kinks(self)))
 
     # --- finite width --------------------------------------------------------------------------
 
@@ -106,40 +165,83 @@ class Activation(Layer):
         return functools.partial(spec.dphi, **params) if params else spec.dphi
 
     def sample(self, x, ctx):
-        y = np.asarray(self.pointwise()(x), dtype=np.float64)
+        g, a, b, d = self.transform()
+        z = x if (a == 1.0 and b == 0.0) else a * x + b
+        y = np.asarray(self.pointwise()(z), dtype=np.float64)
         if y.shape != x.shape:
             raise SpecError("activation.name", self.label, "must be a vectorised elementwise function (output "
                             f"shape {y.shape} for input shape {x.shape})")
-        if self.scale != 1.0:
-            y = y * self.scale
+        if d != 0.0:
+            y = y + d
+        if g != 1.0:
+            y = y * g
         if not ctx.tape:
             return y, None
 
-        def pull(g, grads):
-            return g * (self.scale * np.asarray(self.derivative_fn()(x), dtype=np.float64))
+        def pull(grad, grads):
+            return grad * ((g * a) * np.asarray(self.derivative_fn()(z), dtype=np.float64))
         return y, pull
 
     # --- symbolic ------------------------------------------------------------------------------
 
     def symbolic_map(self, s, ctx):
-        """``Σ'_ij = scale² E[φ(u_i)φ(u_j)]``, ``m'_i = scale E[φ(u_i)]`` on a zero-mean Gaussian stream."""
+        """``Σ'_ij = γ²(K(α²Σ)_ij + δ(m_i + m_j) + δ²)``, ``m'_i = γ(m(α²Σ)_i + δ)`` on a zero-mean Gaussian
+        stream, ``K``, ``m`` the closed forms of φ; ``β ≠ 0`` has none (refused, or opaque)."""
         from ..symbolic import activations as symbolic_activations
         from ..symbolic.maps import UNKNOWN as SUNKNOWN
+        from ..symbolic.maps import nonzero
         if not s.gaussian or not s.mean.is_zero():
             raise NotSupportedError(f"{ctx.where}: activation {self.label!r} {_NOT_GAUSSIAN}")
-        form = symbolic_activations.lookup(self, ctx.where, ctx.opaque)
-        defaults = dict(activations.ACTIVATIONS[self.name].params) if not callable(self.name) else {}
-        params = {k: ctx.value(self, f"params.{k}") if k in self.params else ctx.ns.convert(v)
-                  for k, v in {**defaults, **self.params}.items()}
-        if isinstance(form, symbolic_activations.Opaque):
-            params = {}
-        k = ctx.value(self, "scale")
-        sigma = s.sigma.entrywise(lambda a, b, c: form.off(a, b, c, **params), lambda a: form.diag(a, **params))
-        mean = s.sigma.diag().map(lambda a: form.mean(a, **params))
+        g, a, b, d = (ctx.value(self, f) for f in ("scale", "input_scale", "input_shift", "offset"))
+        if nonzero(b):
+            form = symbolic_activations.shifted(self, a, b, ctx.where, ctx.opaque)
+            params: dict = {}
+            a = 1
+        else:
+            form = symbolic_activations.lookup(self, ctx.where, ctx.opaque)
+            defaults = dict(activations.ACTIVATIONS[self.name].params) if not callable(self.name) else {}
+            params = {k: ctx.value(self, f"params.{k}") if k in self.params else ctx.ns.convert(v)
+                      for k, v in {**defaults, **self.params}.items()}
+            if isinstance(form, symbolic_activations.Opaque):
+                params = {}
+        a2 = a ** 2
+
+        def mean_of(v):
+            return form.mean(a2 * v, **params)
+
+        def off(x, y, c):
+            return form.off(a2 * x, a2 * y, a2 * c, **params) + d * (mean_of(x) + mean_of(y)) + d ** 2
+
+        def diag(x):
+            return form.diag(a2 * x, **params) + 2 * d * mean_of(x) + d ** 2
+
+        sigma = s.sigma.entrywise(off, diag)
+        mean = s.sigma.diag().map(lambda x: mean_of(x) + d)
         dep = s.dep
         if dep is not None and dep.kind != "zero":
             dep = SUNKNOWN
-        return s.replace(sigma=sigma * k ** 2, mean=mean * k, gaussian=self.label == "identity", dep=dep)
+        return s.replace(sigma=sigma * g ** 2, mean=mean * g, gaussian=self.label == "identity", dep=dep)
 
     def kernel_fields(self):
-        return ("scale",) + tuple(f"params.{k}" for k in self.params) if not callable(self.name) else ("scale",)
+        own = ("scale", "input_scale", "input_shift", "offset")
+        return own + tuple(f"params.{k}" for k in self.params) if not callable(self.name) else own
+
+
+_KINKS: dict[str, tuple[float, ...]] = {"relu": (0.0,), "leaky_relu": (0.0,), "abs": (0.0,)}
+"""Kinks (points where φ or φ' jumps) of the registered activations, in φ's argument."""
+
+
+def _phi_kinks(layer) -> tuple:
+    """φ's kinks: the registry's (``ActivationSpec.kinks`` when it has them) or the layer's ``kinks``."""
+    if callable(layer.name) and not isinstance(layer.name, str):
+        return tuple(getattr(layer, "kinks", None) or ())
+    spec = activations.ACTIVATIONS[layer.name]
+    own = getattr(spec, "kinks", None)
+    return tuple(own) if own else _KINKS.get(layer.name, ())
+
+
+def _kinks_keyword(fn, kinks) -> dict:
+    """``{"kinks": kinks}`` when ``fn`` takes the ``kinks=`` keyword and there are kinks, else ``{}``."""
+    if not kinks or "kinks" not in inspect.signature(fn).parameters:
+        return {}
+    return {"kinks": tuple(kinks)}

@@ -13,6 +13,10 @@ For ``(u, v) ~ N(0, [[a, s], [s, b]])``, ``g = sqrt(ab)``, ``c = s/g``:
   (Derived by Stein's lemma and Gaussian tilting; equal to the numeric engine's arrangement.)
 - identity: ``s``, mean 0.
 
+The DKS/TAT form ``γ(φ(αx + β) + δ)`` (docs/dks.md) uses these on ``α²Σ`` when ``β = 0``; a shifted
+input ``β ≠ 0`` has no closed form here (the Gaussian is no longer centred on φ's kinks or symmetry
+points): refused, or with ``opaque=True`` kept as sympy functions of ``x ↦ φ(αx + β)`` (numeric α, β).
+
 Other activations (tanh, SiLU, softplus, callables) have no closed form: they are refused with
 :class:`~kernelprop.errors.NotSupportedError`, or with ``opaque=True`` kept as sympy functions
 ``K_tanh(a, b, s)``, ``M_tanh(a)`` implemented by the numeric engine's quadrature (they evaluate
@@ -179,3 +183,26 @@ def lookup(layer, where: str, opaque: bool = False):
     raise NotSupportedError(
         f"{where}: activation {label!r} has no closed-form kernel (closed forms: {', '.join(CLOSED_FORMS)}); "
         "pass opaque=True (CLI: --opaque) to keep it as a numerically evaluated function K_φ(a, b, s)")
+
+
+def shifted(layer, a, b, where: str, opaque: bool = False):
+    """The form of ``x ↦ φ(a x + b)`` for an input shift ``b ≠ 0``: opaque (numeric ``a``, ``b``) or a refusal."""
+    label = getattr(layer.name, "__name__", "callable") if callable(layer.name) else layer.name
+    if not opaque:
+        raise NotSupportedError(
+            f"{where}: activation {label!r} with input_shift β = {b} has no closed-form kernel (the closed forms "
+            "are for φ(α·x) on a centred Gaussian); set input_shift = 0, or pass opaque=True (CLI: --opaque) to "
+            "keep it as a numerically evaluated function")
+    try:
+        a_num, b_num = float(a), float(b)
+    except TypeError:
+        raise NotSupportedError(
+            f"{where}: activation {label!r}: an opaque shifted activation needs numeric input_scale and "
+            f"input_shift (got {a}, {b}); do not make them symbols") from None
+    phi = layer.pointwise()
+
+    def inner(x):
+        return phi(a_num * x + b_num)
+    tag = f"{a_num:g}_{b_num:g}".replace("-", "m").replace(".", "p").replace("+", "")
+    inner.__name__ = f"{label}_shifted_{tag}"
+    return Opaque(inner, {})
