@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import SpecError
 from ..kernel.activations import activation_kernel
 from ..network.layers import Activation, Attention, Dense, LayerNorm, Network, Parallel, Residual
-from . import cmaps
+from . import dks
 
 
 def he_gain(activation: str) -> float:
@@ -95,7 +95,7 @@ def vanilla(o):
 
 
 def _tat_mlp(o):
-    slope, scale = cmaps.tat_leaky_relu(o["depth"], o["eta"])
+    slope, scale = dks.tat_leaky_relu(o["depth"], o["eta"])
     return [Dense(width_factor=4, init="orthogonal"), Activation("leaky_relu", {"slope": slope}, scale=scale),
             Dense(init="orthogonal")]
 
