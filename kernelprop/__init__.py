@@ -17,6 +17,7 @@ from .layers import (
                      Attention,
                      Dense,
                      Dropout,
+                     GatedMLP,
                      Layer,
                      LayerNorm,
                      Parallel,
@@ -31,8 +32,8 @@ from .network.network import Network
 from .network.spec import Spec, load, loads
 
 __all__ = [
-    "Activation", "Attention", "Dense", "Dropout", "GradientTrajectory", "KernelpropError", "LAYERS", "Layer",
-    "LayerNorm", "Network", "NotSupportedError", "NumericalError", "Parallel", "RMSNorm", "Residual", "Scale",
+    "Activation", "Attention", "Dense", "Dropout", "GatedMLP", "GradientTrajectory", "KernelpropError", "LAYERS",
+    "Layer", "LayerNorm", "Network", "NotSupportedError", "NumericalError", "Parallel", "RMSNorm", "Residual", "Scale",
     "Serial", "Spec", "SpecError", "Trajectory", "backpropagate", "inputs", "load", "loads", "montecarlo",
     "propagate", "register_layer", "unregister_layer", "__version__",
 ]

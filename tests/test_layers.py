@@ -48,6 +48,7 @@ EXAMPLES = {
     "rmsnorm": [Dense(), Activation("relu"), RMSNorm(gain=0.9)],
     "dropout": [Dense(), Activation("relu"), Dropout(0.2), Dense()],
     "attention": [LayerNorm(), Attention(heads=2, scores="tied", causal=True, qk_var=1.5)],
+    "gated_mlp": [Residual(RMSNorm(), kp.GatedMLP("gelu", gate_var=1.2, up_var=0.8, down_var=2.0), beta=0.6)],
     "scale": [Residual(LayerNorm(), Scale(0.7), Dense(), Activation("relu"), Scale(-1.3), beta=0.5)],
     "serial": [Serial(Dense(), Activation("relu"))],
     "residual": [Residual(Dense(), Activation("relu"), Dense(weight_var=2.0), alpha=0.8, beta=0.6)],

@@ -4,6 +4,7 @@ rule, finite-width forward and its transpose, symbolic map, Monte Carlo plan) li
 ==================  ==========================================================
 :mod:`.dense`       ``Dense``
 :mod:`.activation`  ``Activation`` (closed forms and quadrature in :mod:`kernelprop.kernel.activations`)
+:mod:`.gated`       ``GatedMLP`` (SwiGLU, GeGLU, ReGLU)
 :mod:`.norm`        ``LayerNorm``, ``RMSNorm``
 :mod:`.dropout`     ``Dropout``
 :mod:`.scale`       ``Scale``
@@ -19,11 +20,13 @@ rule, finite-width forward and its transpose, symbolic map, Monte Carlo plan) li
 from .base import LAYERS, RULES, Layer, choice, num, register_layer, unregister_layer  # noqa: I001
 from .dense import Dense
 from .activation import Activation
+from .gated import GatedMLP
 from .norm import LayerNorm, RMSNorm
 from .dropout import Dropout
 from .attention import Attention
 from .scale import Scale
 from .composite import Parallel, Residual, Serial, walk
 
-__all__ = ["Activation", "Attention", "Dense", "Dropout", "LAYERS", "Layer", "LayerNorm", "Parallel", "RMSNorm",
-           "RULES", "Residual", "Scale", "Serial", "choice", "num", "register_layer", "unregister_layer", "walk"]
+__all__ = ["Activation", "Attention", "Dense", "Dropout", "GatedMLP", "LAYERS", "Layer", "LayerNorm", "Parallel",
+           "RMSNorm", "RULES", "Residual", "Scale", "Serial", "choice", "num", "register_layer", "unregister_layer",
+           "walk"]

@@ -6,6 +6,7 @@ from ..layers import (
                       Attention,
                       Dense,
                       Dropout,
+                      GatedMLP,
                       Layer,
                       LayerNorm,
                       Parallel,
@@ -19,5 +20,5 @@ from ..layers import (
 )
 from .network import Network
 
-__all__ = ["Activation", "Attention", "Dense", "Dropout", "Layer", "LayerNorm", "Network", "Parallel", "RMSNorm",
-           "Residual", "Scale", "Serial", "choice", "num", "walk"]
+__all__ = ["Activation", "Attention", "Dense", "Dropout", "GatedMLP", "Layer", "LayerNorm", "Network", "Parallel",
+           "RMSNorm", "Residual", "Scale", "Serial", "choice", "num", "walk"]
