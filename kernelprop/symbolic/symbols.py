@@ -43,13 +43,15 @@ FIELD_SYMBOLS = {
     "p": ("p", "p"), "scale": ("scale", r"s_\phi"), "alpha": ("alpha", r"\alpha"),
     "beta": ("beta", r"\beta"), "gamma": ("gamma", r"\gamma"), "alibi_scale": ("s_alibi", r"s_{\mathrm{alibi}}"),
     "slope": ("s", "s"), "a": ("a", "a"),
-    "gate_var": ("sigma_g2", r"\sigma_g^2"), "up_var": ("sigma_u2", r"\sigma_u^2"), "down_var": ("sigma_d2", r"\sigma_d^2"),
+    "gate_var": ("sigma_g2", r"\sigma_g^2"), "up_var": ("sigma_u2", r"\sigma_u^2"),
+    "down_var": ("sigma_d2", r"\sigma_d^2"),
 }
 _ASSUME = {"nonneg": dict(nonnegative=True), "positive": dict(positive=True), "prob": dict(nonnegative=True),
            "real": dict(real=True)}
 # display names for plain-text output
 DISPLAY = {"rho": "ρ", "mu": "μ", "sigma_w2": "σ_w²", "sigma_b2": "σ_b²", "sigma_v2": "σ_v²",
-           "sigma_o2": "σ_o²", "sigma_qk2": "σ_qk²", "sigma_g2": "σ_g²", "sigma_u2": "σ_u²", "sigma_d2": "σ_d²", "alpha": "α", "beta": "β", "gamma": "γ",
+           "sigma_o2": "σ_o²", "sigma_qk2": "σ_qk²", "sigma_g2": "σ_g²", "sigma_u2": "σ_u²", "sigma_d2": "σ_d²",
+           "alpha": "α", "beta": "β", "gamma": "γ",
            "epsilon": "ε", "chi": "χ", "lambda_a": "λ_a"}
 LATEX = {"rho": r"\rho", "mu": r"\mu", "chi": r"\chi"}
 
