@@ -77,14 +77,21 @@ def test_query_gradient_trace_formula_matches_the_definition():
 
 
 def test_query_gradient_vanishes_under_rank_collapse_but_value_gradient_does_not():
+    """Π_L = I. Values: ⟨AΣAᵀ, Π⟩ = tr(AΣAᵀ) = 1.7·6 for Σ = 1.7·11ᵀ (A row-stochastic). Queries on
+    orthonormal tokens: Σ_i tr(J_i²) with J_i = (1/i)I_i − (1/i²)11ᵀ (causal mean, 1-based), = Σ_i (1/i − 1/i²).
+    Before: values > 0.1 and queries > 1e-3."""
     collapsed = I.Inputs(np.full((6, 6), 1.7), (6,))     # identical tokens: Σ ∝ 11ᵀ
     net = Network(block=[Attention(causal=True)], depth=1)
     g = B.backpropagate(net, collapsed)
     kinds = {k: val for _, _, _, k, val in g.grads}
     assert kinds["queries"] == pytest.approx(0.0, abs=1e-12)
-    assert kinds["values"] > 0.1
+    assert kinds["values"] == pytest.approx(1.7 * 6, rel=1e-13)
     g = B.backpropagate(net, I.identity(6))
-    assert {k: val for _, _, _, k, val in g.grads}["queries"] > 1e-3
+    i = np.arange(1, 7)
+    a = np.tril(np.ones((6, 6))) / i[:, None]
+    want = float(np.sum(1 / i - 1 / i ** 2))
+    assert want == pytest.approx(float(np.trace(naive_query_trace(a, np.eye(6)))), rel=1e-13)
+    assert {k: val for _, _, _, k, val in g.grads}["queries"] == pytest.approx(want, rel=1e-12)
 
 
 def test_one_over_sqrt_depth_keeps_query_gradients_alive():

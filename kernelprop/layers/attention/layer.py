@@ -319,8 +319,9 @@ class Attention(Layer):
         if self.spa != "none":
             skey = ("spa", self.spa, self.spa_step, self.spa_layers, self.spa_final, self.causal, t)
             c = ctx.cache.get(skey)
-            if c is None:
-                c = ctx.cache[skey] = MX.spa_realised(self, t)                 # (t, t), the same for every head
+            if c is None:   # built independently of the engine's SPA (closed forms): montecarlo.spa
+                from ...montecarlo import spa as simulated_spa
+                c = ctx.cache[skey] = simulated_spa.layer_matrix(self, t)      # (t, t), the same for every head
         elif self.attention == "softmax" and (mode == "uniform" or self.matrix == "shaped"):
             ckey = ("zero-score",) + key[1:]
             c = ctx.cache.get(ckey)
@@ -415,7 +416,8 @@ class Attention(Layer):
         for t in set(segments):
             MX.logit_offsets(self, t, where)
             if self.spa != "none":
-                MX.spa_realised(self, t)          # its spec errors (negative entries, steps) up front
+                from ...montecarlo import spa as simulated_spa
+                simulated_spa.layer_matrix(self, t)   # its spec errors (negative entries, steps) up front
         return width
 
     # ------------------------------------------------------------------------------------------
