@@ -107,6 +107,8 @@ def _spec_or_preset(spec, preset):
 @_preset_options()
 def run(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Run a Hugging Face config.json instead of a spec "
+                                          "(as `import-config` writes it; input: --tokens, --rho)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results: .json, .csv or .npz."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
@@ -119,7 +121,14 @@ def run(
     """Propagate the token kernel of SPEC (or --preset NAME) through depth and summarise it."""
     with _errors():
         from kernelprop import io, propagate, report
-        s = _load(spec, preset, options, depth, set_)
+        if config is not None:
+            from kernelprop.io import hf
+            if spec is not None or preset is not None:
+                from kernelprop.errors import SpecError
+                raise SpecError("--config", str(config), "give one of a spec, --preset NAME or --config FILE")
+            s = hf.load(config, depth=depth, overrides=set_, tokens=options.tokens, rho=options.rho)
+        else:
+            s = _load(spec, preset, options, depth, set_)
         if output is not None:
             io.check_format(output)
         traj = _with_progress(lambda cb: propagate(
@@ -230,6 +239,25 @@ def _with_progress(job, total):
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("propagating", total=total)
         return job(lambda done, _: bar.update(task, completed=done))
+
+
+@app.command("import-config")
+def import_config(
+    config: Path = typer.Argument(..., help="A Hugging Face config.json: GPT-2, Llama/Mistral/Qwen2, GPT-NeoX, BERT."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the spec (.toml); default: print it."),
+    tokens: int = typer.Option(32, "--tokens", help="Input: tokens T."),
+    rho: float = typer.Option(0.1, "--rho", help="Input: correlation of distinct token embeddings (0: i.i.d. table)."),
+):
+    """Write the spec of a Hugging Face model config at initialisation, with its family's init (docs/inits.md)."""
+    with _errors():
+        from kernelprop.io import hf
+        imp = hf.import_config(config, output, tokens=tokens, rho=rho)
+        for note in imp.notes:
+            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        if output is None:
+            typer.echo(hf.to_toml(imp, config.name), nl=False)
+        else:
+            err.print(f"wrote {output}")
 
 
 @app.command("spec-reference")

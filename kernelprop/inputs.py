@@ -135,17 +135,20 @@ def gram(matrix, sequences=None) -> Inputs:
     return Inputs(m, segs, description=f"gram N={m.shape[0]}")
 
 
-def tokens(ids, q: float = 1.0, rho: float = 0.0) -> Inputs:
+def tokens(ids, q: float = 1.0, rho: float = 0.0, *, pad_id: int | None = None, attention_mask=None) -> Inputs:
     """Token-id sequences through a random embedding table.
 
     Each vocabulary entry gets an embedding of squared norm ``q``; equal ids are identical vectors,
     distinct ids have correlation ``rho`` (0 for an i.i.d. Gaussian table in the wide limit; Kedia
     et al. 2024 model a corpus-level r₀ this way). ``ids`` is one sequence or a list of sequences.
+
+    Padded batches: ``attention_mask`` (same shape as ``ids``, 1 = token, 0 = padding, as a tokenizer
+    returns it) and/or ``pad_id`` drop the padded positions before anything is built, so each
+    sequence keeps only its real tokens, at positions 0, 1, … (left or right padding alike). A
+    sequence left without tokens is a :class:`SpecError`.
     """
     _check_q(q)
-    seqs = [ids] if len(ids) and np.ndim(ids[0]) == 0 else list(ids)
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise SpecError("input.ids", ids, "must be a non-empty sequence (or list of sequences) of token ids")
+    seqs = _sequences(ids, "input.ids")
     flat = []
     for s in seqs:
         for t in s:
@@ -154,8 +157,51 @@ def tokens(ids, q: float = 1.0, rho: float = 0.0) -> Inputs:
             flat.append(int(t))
     if not (isinstance(rho, (int, float)) and 0 <= rho <= 1):
         raise SpecError("input.rho", rho, "must lie in [0, 1] for an embedding table")
+    dropped = 0
+    if pad_id is not None or attention_mask is not None:
+        keep = _kept_positions(seqs, pad_id, attention_mask)
+        dropped = sum(len(s) for s in seqs) - sum(len(k) for k in keep)
+        for k, (s, kept) in enumerate(zip(seqs, keep)):
+            if not kept:
+                raise SpecError("input.ids", list(s), f"sequence {k} has no tokens left once the padding "
+                                "(pad_id / attention_mask) is dropped")
+        seqs = [[int(s[i]) for i in kept] for s, kept in zip(seqs, keep)]
+        flat = [t for s in seqs for t in s]
     ids_array = np.array(flat)
     same = ids_array[:, None] == ids_array[None, :]
     s = q * np.where(same, 1.0, rho)
-    return Inputs(s, tuple(len(x) for x in seqs), description=f"tokens N={len(flat)} vocab={len(set(flat))}",
+    padding = f", {dropped} padded positions dropped" if dropped else ""
+    return Inputs(s, tuple(len(x) for x in seqs),
+                  description=f"tokens N={len(flat)} vocab={len(set(flat))}{padding}",
                   token_ids=tuple(tuple(int(t) for t in x) for x in seqs))
+
+
+def _sequences(ids, field_name):
+    """``ids`` as a list of sequences (one flat sequence is one sequence)."""
+    try:
+        seqs = [ids] if len(ids) and np.ndim(ids[0]) == 0 else list(ids)
+    except TypeError:
+        raise SpecError(field_name, ids, "must be a sequence (or list of sequences)") from None
+    if not seqs or any(np.ndim(s) != 1 or len(s) == 0 for s in seqs):
+        what = "token ids" if field_name == "input.ids" else "0/1 entries, one per token id"
+        raise SpecError(field_name, ids, f"must be a non-empty sequence (or list of sequences) of {what}")
+    return seqs
+
+
+def _kept_positions(seqs, pad_id, attention_mask):
+    """Per sequence, the positions that are neither ``pad_id`` nor masked out (mask entry 0)."""
+    if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer))):
+        raise SpecError("input.pad_id", pad_id, "must be a whole number (the padding token id)")
+    masks = None
+    if attention_mask is not None:
+        masks = _sequences(attention_mask, "input.attention_mask")
+        if [len(m) for m in masks] != [len(s) for s in seqs]:
+            raise SpecError("input.attention_mask", attention_mask,
+                            f"must have the shape of ids (sequence lengths {[len(s) for s in seqs]})")
+        for m in masks:
+            for v in m:
+                if isinstance(v, str) or v not in (0, 1):
+                    raise SpecError("input.attention_mask", v, "entries must be 1 (token) or 0 (padding)")
+    return [[i for i, t in enumerate(s)
+             if (pad_id is None or int(t) != pad_id) and (masks is None or masks[k][i] == 1)]
+            for k, s in enumerate(seqs)]

@@ -17,6 +17,10 @@ _INPUT_DOCS = {
     "matrix": "the N×N Gram matrix, an array of arrays (symmetric PSD)",
     "file": "a .npy or .csv file with the Gram matrix, relative to the spec file",
     "ids": "token ids: one list per sequence; equal ids get identical embeddings",
+    "pad_id": "tokens: the padding id; its positions are dropped (each sequence keeps its real tokens, at "
+              "positions 0, 1, …; a sequence left empty is an error)",
+    "attention_mask": "tokens: 0/1 lists shaped like `ids` (1 = token, 0 = padding, as a tokenizer returns "
+                      "them); positions with 0 are dropped",
 }
 
 
@@ -84,6 +88,12 @@ def reference() -> str:
         "Attention extras: `heads` (whole number ≥ 1), `causal` (bool), `bias` (`\"alibi\"` or a T×T / H×T×T "
         "array, `-inf` masks), `alpha`/`beta`/`gamma` default to 1, 0, 0 for `value_skipinit` and 1, 1, 1 "
         "for `shaped`.",
+        "",
+        "`qk_var` by score mode: `uniform` — unused (zero queries, or independent Q, K at 1/d_k, whose scores "
+        "vanish); `tied` — σ_qk² of the one query-key weight `W ~ N(0, σ_qk²/d)`, scores `Q Qᵀ/d_k → σ_qk² Σ`; "
+        "`standard` — σ_q²σ_k², the product of the query and key weights' σ² = variance × fan-in, at 1/√d_k "
+        "scaling (a model initialised with normal(0, 0.02) at d = 768 has (0.02²·768)² = 0.0944; "
+        "docs/inits.md, docs/montecarlo.md).",
         "",
         "Activation names: see `kernelprop.kernel.activations.ACTIVATIONS`; parameters: `leaky_relu` "
         "takes `slope`, `erf` takes `a`.",

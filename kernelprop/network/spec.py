@@ -35,7 +35,7 @@ INPUT_KEYS = {
     "identity": {"tokens", "q", "sequences"},
     "equicorrelated": {"tokens", "q", "rho", "sequences", "cross_rho"},
     "gram": {"matrix", "file", "sequences"},
-    "tokens": {"ids", "q", "rho"},
+    "tokens": {"ids", "q", "rho", "pad_id", "attention_mask"},
 }
 POSITIONAL_KEYS = {"positional", "positional_var", "positional_dim"}
 RECORD_KEYS = {"mode": ("blocks", "sublayers"), "every": None}
@@ -194,7 +194,8 @@ def _inputs(t, base: Path) -> I.Inputs:
     elif kind == "tokens":
         if "ids" not in t:
             raise SpecError("input.ids", None, "token inputs need ids = [[...], ...]")
-        x = I.tokens(t["ids"], t.get("q", 1.0), t.get("rho", 0.0))
+        x = I.tokens(t["ids"], t.get("q", 1.0), t.get("rho", 0.0), pad_id=t.get("pad_id"),
+                     attention_mask=t.get("attention_mask"))
     else:
         if ("matrix" in t) == ("file" in t):
             raise SpecError("input.matrix", None,
