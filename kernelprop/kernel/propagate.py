@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ from ..inputs import Inputs
 from ..network.layers import Network
 from ..network.walk import INPUT, RecordPlan, Unit, units
 from .maps import Context
+from .ntk import measures as ntk_measures
+from .ntk import rule as ntk_rule
 from .state import KernelState
 
 _TINY = 1e-250   # entries below this times the largest variance are flushed to 0 (no denormals)
@@ -56,7 +59,9 @@ class Trajectory(Records):
     index, part, layer path, kind); ``labels[r]`` is its name (``input``, ``block 3``,
     ``block 3 · 2:residual``, ``final``), ``blocks[r]`` its block index l (0 for input and stem, L+1 for
     the head), ``kernels[r]`` the N×N kernel (if kept), ``means[r]`` the per-token means,
-    ``measures[name][r]`` each measure (per-position profiles have shape (R, T₀)).
+    ``measures[name][r]`` each measure (per-position profiles have shape (R, T₀)). With ``ntk=True``:
+    ``ntk[r]`` the N×N neural tangent kernel Θ at record r (docs/theory.md §14) and the measures
+    ``ntk_mean`` (tr Θ/N), ``ntk_cond`` (λ_max/λ_min, with ``spectral``) and ``ntk_error``.
     """
 
     labels: list
@@ -69,28 +74,31 @@ class Trajectory(Records):
     kernels: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     records: list = field(default_factory=list)
+    ntk: np.ndarray | None = None
 
 
 def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every: int = 1,
               keep_kernels: bool = True, spectral: bool | str = "auto", quad_nodes: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Trajectory:
+              progress: Callable[[int, int], None] | None = None, ntk: bool = False) -> Trajectory:
     """Iterate the infinite-width kernel maps of ``network`` from ``inputs``.
 
     ``record``: ``"blocks"`` records the input, the stem output, every ``every``-th block (and the
     last) and the head output; ``"sublayers"`` also records after each top-level layer of a block
     and after each stem and final layer. ``spectral``: compute eigenvalue measures (``"auto"``: when
     the longest sequence has ≤ 512 tokens). ``progress(done, total)`` is called after every block.
+    ``ntk``: also propagate the neural tangent kernel Θ (NTK parametrisation, docs/theory.md §14) and
+    keep it per record (``Trajectory.ntk``); Θ = 0 at the input.
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
     """
     plan = RecordPlan(network, record, every)
     traj, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, spectral=spectral, quad_nodes=quad_nodes,
-                      progress=progress)
+                      progress=progress, ntk=ntk)
     return traj
 
 
 def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels: bool = True,
             spectral: bool | str = "auto", quad_nodes: int | None = None, progress=None, on_unit=None,
-            ctx: Context | None = None):
+            ctx: Context | None = None, ntk: bool = False):
     """The one forward walk: apply every part of every unit, check it, keep the planned records.
 
     ``on_unit(unit, state_in, backs)``, if given, receives each unit's input state and the backward
@@ -99,8 +107,9 @@ def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels:
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     ctx = ctx or Context(quad_nodes)
-    state = KernelState(inputs.sigma.copy(), inputs.mean.copy(), inputs.segments)
-    records, means, kernels, rows = [], [], [], []
+    state = KernelState(inputs.sigma.copy(), inputs.mean.copy(), inputs.segments,
+                        ntk=np.zeros_like(inputs.sigma) if ntk else None)
+    records, means, kernels, rows, tangents = [], [], [], [], []
 
     def keep(rec, s):
         records.append(rec)
@@ -109,6 +118,9 @@ def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels:
             kernels.append(s.sigma.copy())
         row = M.compute(s.sigma, s.segments, s.mean, spectral=spectral)
         row["quad_error"] = s.quad_error
+        if s.ntk is not None:
+            tangents.append(s.ntk.copy())
+            row.update(ntk_measures(s.ntk, spectral), ntk_error=s.ntk_error)
         rows.append(row)
 
     keep(INPUT, state)
@@ -117,7 +129,10 @@ def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels:
                                 with_backs=on_unit is not None, on_start=on_unit)
         if unit.section == "block" and progress is not None:
             progress(unit.block, network.depth)
-    return _finish(network, inputs, records, means, kernels, rows, keep_kernels), state
+    traj = _finish(network, inputs, records, means, kernels, rows, keep_kernels)
+    if ntk:
+        traj = dataclasses.replace(traj, ntk=np.stack(tangents), meta={**traj.meta, "ntk": "NTK parametrisation"})
+    return traj, state
 
 
 def _keep_planned(plan, unit, i, s, keep):
@@ -136,7 +151,7 @@ def run_unit(unit: Unit, state: KernelState, ctx: Context, keep=None, with_backs
     flush = unit.block % 8 == 0 or unit.section != "block"
     for i, part in enumerate(unit.parts):
         ctx.where, ctx.path = unit.part_label(i), unit.part_path(i)
-        state, back = part.kernel_map(state, ctx)
+        state, back = (ntk_rule(part, ctx.where) if state.ntk is not None else part.kernel_map)(state, ctx)
         if with_backs:
             backs.append(back)
         state = _checked(state, ctx.where, part, flush=flush)
@@ -155,6 +170,8 @@ def _checked(s: KernelState, where: str, layer, flush: bool) -> KernelState:
     sigma = s.sigma
     if not np.isfinite(sigma.sum()):
         raise NumericalError(where, "the kernel has NaN or infinite entries", _remedy(layer))
+    if s.ntk is not None and not np.isfinite(s.ntk.sum()):
+        raise NumericalError(where, "the NTK has NaN or infinite entries", _remedy(layer))
     top = np.abs(np.diagonal(sigma)).max()
     if top > _EXPLODE:
         raise NumericalError(where, f"the variance exploded to {top:.3g}", _remedy(layer))

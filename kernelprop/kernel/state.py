@@ -58,6 +58,9 @@ class KernelState:
     ``head_blocks``: the features fall into per-head column blocks with different kernels (after a
     weight-free attention whose heads have different biases) and Σ is their average; a map that is
     not linear in Σ, or that mixes each block with its own head again, cannot act on the average.
+    ``ntk``: the neural tangent kernel Θ (N×N) of the stream, NTK parametrisation, averaged over
+    features (docs/theory.md §14), carried only when asked for (``propagate(..., ntk=True)``), else None;
+    ``ntk_error``: its accumulated error estimate (quadrature of K' and of Σ, as ``quad_error``).
     """
 
     sigma: np.ndarray
@@ -68,6 +71,8 @@ class KernelState:
     quad_error: float = 0.0
     width: float = 1.0
     head_blocks: bool = False
+    ntk: np.ndarray | None = None
+    ntk_error: float = 0.0
 
     def replace(self, **kw) -> KernelState:
         return replace(self, **kw)

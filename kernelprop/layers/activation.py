@@ -226,6 +226,17 @@ class Activation(Layer):
         own = ("scale", "input_scale", "input_shift", "offset")
         return own + tuple(f"params.{k}" for k in self.params) if not callable(self.name) else own
 
+    def ntk_map(self, s, ctx):
+        """NTK (docs/theory.md §14): ``Θ' = γ²α² Θ ⊙ K'``, ``K'_ij = E[φ'(αu_i + β) φ'(αu_j + β)]``, u ~ N(0, Σ)
+        (the tangent is multiplied by φ' feature-wise; Jacot et al. 2018)."""
+        out, back = self.kernel_map(s, ctx)
+        g, a, _, _ = self.transform()
+        kp, _, err = self.inner_derivative_kernel(s.sigma, ctx.quad_nodes)
+        c = (g * a) ** 2
+        big = float(np.max(np.abs(s.ntk))) if s.n else 0.0
+        kmax = float(np.max(np.abs(kp))) if s.n else 0.0
+        return out.replace(ntk=c * (s.ntk * kp), ntk_error=c * (kmax * s.ntk_error + big * err)), back
+
 
 _KINKS: dict[str, tuple[float, ...]] = {"relu": (0.0,), "leaky_relu": (0.0,), "abs": (0.0,)}
 """Kinks (points where φ or φ' jumps) of the registered activations, in φ's argument."""

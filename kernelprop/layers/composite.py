@@ -115,6 +115,22 @@ class Serial(_Composite):
             width = child.plan(width, f"{where}/{i}:{child.kind}", plan)
         return width
 
+    def ntk_map(self, s, ctx):
+        """NTK (docs/theory.md §14): each child's NTK map in turn."""
+        from ..kernel import ntk as N
+        backs, path = [], ctx.path
+        for i, child in enumerate(self.layers):
+            ctx.path = f"{path}/{i}:{child.kind}"
+            s, b = N.rule(child, ctx.where)(s, ctx)
+            backs.append(b)
+        ctx.path = path
+
+        def back(pi, grads):
+            for b in reversed(backs):
+                pi = b(pi, grads)
+            return pi
+        return s, back
+
 
 def _branches_of(layers) -> Serial:
     return layers[0] if len(layers) == 1 and isinstance(layers[0], Serial) else Serial(*layers)
@@ -180,6 +196,27 @@ class _Sum(_Composite):
 
     def weight_names(self) -> list:
         return []
+
+    def ntk_map(self, s, ctx):
+        """NTK of ``y = α x + Σ_b β_b f_b(x)`` (docs/theory.md §14): ``Θ' = Σ_s w_s² Θ_s + Σ_{s<t} w_s w_t
+        (P_s Θ P_tᵀ + P_t Θ P_sᵀ)`` over the skip (P = I) and the branches (P their linear dependence on
+        the branch input, §1.4); the forward state is :meth:`kernel_map`'s."""
+        from ..kernel import ntk as N
+        branches, betas, path = self.branch_list(), self.weight_list(), ctx.path
+        outs, backs = [], []
+        for b, branch in enumerate(branches):
+            ctx.path = f"{path}/branch{b}" if len(branches) > 1 else path
+            o, back_b = N.rule(branch, ctx.where)(branch_input(s).replace(ntk_error=0.0), ctx)
+            outs.append(o)
+            backs.append(back_b)
+        ctx.path = path
+        y = combine(s, self.alpha, outs, betas, ctx)
+        theta, err = N.combine(s, self.alpha, outs, betas)
+        deps, alpha, n = [o.dep for o in outs], self.alpha, s.n
+
+        def back(pi, grads):
+            return _back_sum(alpha, betas, backs, deps, n, pi, grads)
+        return y.replace(ntk=theta, ntk_error=err), back
 
 
 @register_layer

@@ -96,6 +96,16 @@ class Dense(Layer):
         """The Monte Carlo output width ``round(width_factor · d)`` for model width d."""
         return max(1, int(round(resolved(self.width_factor) * d)))
 
+    def ntk_map(self, s, ctx):
+        """NTK (NTK parametrisation, docs/theory.md §14): ``Θ' = σ_w² Θ + σ_w² Σ + σ_b² 11ᵀ`` — the input's
+        tangent through W, plus W's and the bias's own terms (Jacot et al. 2018)."""
+        out, back = self.kernel_map(s, ctx)
+        w = self.weight_var
+        if self.is_unit("weight_var"):
+            w = unit_scale(s.sigma, self.bias_var, f"{ctx.where}.weight_var")
+        theta = w * (s.ntk + s.sigma) + self.bias_var
+        return out.replace(ntk=theta, ntk_error=w * (s.ntk_error + s.quad_error)), back
+
 
 def _unit_multiplier(y: np.ndarray, offset: float) -> np.ndarray:
     """Per network (leading axis): ``c`` with ``c² mean(y²) + offset = 1``, the finite-width :data:`UNIT` init

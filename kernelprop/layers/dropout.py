@@ -47,3 +47,11 @@ class Dropout(Layer):
         from ..symbolic.maps import nonzero
         p = ctx.value(self, "p")
         return s.replace(sigma=s.sigma.map_diag(lambda v: v / (1 - p)), gaussian=s.gaussian and not nonzero(p))
+
+    def ntk_map(self, s, ctx):
+        """NTK (docs/theory.md §14): ``Θ'_ii = Θ_ii/(1 − p)``, off-diagonal unchanged (the tangent is masked
+        like the features; masks of different tokens are independent with mean one)."""
+        out, back = self.kernel_map(s, ctx)
+        theta = s.ntk.copy()
+        theta[np.diag_indices(s.n)] /= 1.0 - self.p
+        return out.replace(ntk=theta, ntk_error=s.ntk_error / (1.0 - self.p)), back

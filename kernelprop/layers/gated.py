@@ -192,3 +192,25 @@ class GatedMLP(Layer):
                                   lambda a: a * form.diag(vg * a, **params))
         return s.replace(sigma=sigma * (vd * vu), mean=ctx.fam.vector(0), gaussian=True,
                          dep=None if s.dep is None else SZERO)
+
+    def ntk_map(self, s, ctx):
+        """NTK by the product rule (docs/theory.md §14): with ``K = K_φ(σ_g² Σ)``, ``K' = K_φ'(σ_g² Σ)``,
+        ``Θ' = σ_d² σ_u² [(σ_g² Σ ⊙ K' + K) ⊙ (Θ + Σ) + K ⊙ Σ]`` — gate and up-projection tangents
+        ``σ_g²(Θ + Σ)``, ``σ_u²(Θ + Σ)`` through ``∂h = φ'(g) u ∂g + φ(g) ∂u`` (their cross term averages to 0:
+        u has mean 0), pushed through ``W_d``, plus ``W_d``'s own term ``σ_d² Σ_h``."""
+        out, back = self.kernel_map(s, ctx)
+        vg, vu, vd = self.gate_var, self.up_var, self.down_var
+        k, _, err = activations.activation_kernel(self.activation, vg * s.sigma, self.params, nodes=ctx.quad_nodes)
+        kp, _, errp = activations.derivative_kernel(self.activation, vg * s.sigma, self.params,
+                                                    derivative=self.derivative, nodes=ctx.quad_nodes)
+        with np.errstate(over="ignore", invalid="ignore"):
+            tan = vg * s.sigma * kp + k
+            theta = (vd * vu) * (tan * (s.ntk + s.sigma) + k * s.sigma)
+        if not np.all(np.isfinite(theta)):
+            raise NumericalError(ctx.where, "the gated MLP's NTK is not finite",
+                                 "lower gate_var/up_var/down_var or the input variance")
+        a = float(np.max(np.abs(s.sigma))) if s.n else 0.0
+        t = float(np.max(np.abs(s.ntk))) if s.n else 0.0
+        tmax = float(np.max(np.abs(tan))) if s.n else 0.0
+        e = vd * vu * ((vg * a * errp + err) * (t + a) + tmax * (s.ntk_error + s.quad_error) + a * err)
+        return out.replace(ntk=theta, ntk_error=e), back

@@ -91,6 +91,15 @@ class _Norm(Layer):
                              gaussian=s.gaussian and mean.is_zero())
         return s.replace(sigma=s.sigma.scale_both(inv) * g ** 2, mean=s.mean * inv * g, dep=dep)
 
+    def ntk_map(self, s, ctx):
+        """NTK in the wide limit (docs/theory.md §14): ``Θ'_ij = g² Θ_ij/(s_i s_j)``, s from the (centred) Σ as in
+        the kernel map; the centring and x̂ projections remove one feature direction each from a tangent
+        spread evenly over d directions, O(1/d), and are dropped."""
+        out, back = self.kernel_map(s, ctx)
+        sig = s.sigma - np.outer(s.mean, s.mean) if self.centring else s.sigma
+        f = self.gain / np.sqrt(np.diag(sig) + self.eps)
+        return out.replace(ntk=s.ntk * np.outer(f, f), ntk_error=s.ntk_error * float(np.max(f)) ** 2), back
+
 
 def sympy_sqrt(v):
     import sympy as sp

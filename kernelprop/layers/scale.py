@@ -40,3 +40,9 @@ class Scale(Layer):
         if dep is not None and dep.kind == "matrix":
             dep = Dep("matrix", dep.p * c, dep.headwise)
         return s.replace(sigma=s.sigma * c ** 2, mean=s.mean * c, dep=dep)
+
+    def ntk_map(self, s, ctx):
+        """NTK (docs/theory.md §14): ``Θ' = c² Θ`` (no parameters)."""
+        out, back = self.kernel_map(s, ctx)
+        c2 = self.c * self.c
+        return out.replace(ntk=c2 * s.ntk, ntk_error=c2 * s.ntk_error), back

@@ -475,6 +475,40 @@ class Attention(Layer):
             out.append((weight, a))
         return out
 
+    def ntk_map(self, s, ctx):
+        """NTK with the wide-limit mixings fixed (docs/theory.md §14): with ``M(X) = (1/H) Σ_h M_h X M_hᵀ``,
+        ``Θ' = σ_v²σ_o² [M(Θ) + M(Σ)·(1 if values are weights) + M(Σ)·(1 if the projection is)]`` — the input's
+        tangent through the mixings, and W_V's and W_O's own terms (Hron et al. 2020's ``A Θ Aᵀ + 2K'``).
+        Zero-score, tied 1/d and identity-attention scores move by O(1/d) under 1/d scaling, so the query/key
+        path drops; standard 1/sqrt(d_k) scores stay random at infinite width and are refused."""
+        if self.scores == "standard" and self.beta != 0:
+            raise NotSupportedError(
+                f"{ctx.where}: the NTK of attention with standard 1/sqrt(d_k) scores is not available: the scores stay "
+                "random at infinite width and their query/key tangent is O(1) and correlated with the random softmax, "
+                "which the engine's score draws do not cover; use scores = \"tied\" or \"uniform\"")
+        start = ctx.counter
+        out, back = self.kernel_map(s, ctx)
+        end, ctx.counter = ctx.counter, start
+        heads = self.mixings(s.sigma, s.segments, ctx)       # the same draws as the kernel map (seeded per layer)
+        ctx.counter = end
+
+        def mixed(x):
+            acc = None
+            for w, m in heads:
+                acc = w * m.kernel(x) if acc is None else axpy(acc, w, m.kernel(x))
+            return acc
+        theta = mixed(s.ntk)
+        if self.weight_free:
+            return out.replace(ntk=theta, ntk_error=s.ntk_error), back
+        sv = self.value_var if self.values == "dense" else 1.0
+        so = self.out_var if self.projection == "dense" else 1.0
+        base = mixed(s.sigma)
+        if self.projection == "dense" and self.is_unit("out_var"):
+            so = unit_scale(base * sv, 0.0, f"{ctx.where}.out_var")
+        own = (self.values == "dense") + (self.projection == "dense")
+        theta = (sv * so) * (theta + own * base)
+        return out.replace(ntk=theta, ntk_error=sv * so * (s.ntk_error + own * s.quad_error)), back
+
 
 def _head_dependent(layer, heads) -> bool:
     """Whether the heads mix tokens differently for a fixed kernel (per-head biases: ALiBi or an H×T×T
