@@ -115,6 +115,8 @@ def run(
     every: Optional[int] = typer.Option(None, help="Record every k-th block (default: the spec's)."),
     sublayers: bool = typer.Option(False, help="Also record after each top-level layer of a block."),
     rows: int = typer.Option(24, help="Rows of the printed summary."),
+    ntk: bool = typer.Option(False, "--ntk", help="Also propagate the neural tangent kernel Θ (NTK "
+                             "parametrisation, docs/theory.md §14) and show its mean diagonal and condition number."),
     preset: Optional[str] = None,
     options=None,
 ):
@@ -134,9 +136,10 @@ def run(
         traj = _with_progress(lambda cb: propagate(
             s.network, s.inputs, record="sublayers" if sublayers else s.record["mode"],
             every=every or s.record["every"], keep_kernels=output is not None and output.suffix == ".npz",
-            progress=cb), s.network.depth)
+            progress=cb, ntk=ntk), s.network.depth)
         title = f"{s.network.name or spec} — depth {s.network.depth}, {s.inputs.description}"
-        out.print(report.summary_table(traj, most=rows, title=title))
+        columns = report.DEFAULT_COLUMNS + (("ntk_mean", "ntk_cond") if ntk else ())
+        out.print(report.summary_table(traj, columns=columns, most=rows, title=title))
         if output is not None:
             io.write(traj, output, spec_raw=s.raw)
             err.print(f"wrote {output}")
