@@ -48,12 +48,13 @@ def cross(a: Dependence, b: Dependence, theta: np.ndarray) -> np.ndarray | None:
 def combine(s: KernelState, alpha: float, outs, betas) -> tuple[np.ndarray, float]:
     """Θ and its error of ``y = α x + Σ_b β_b f_b(x)``: ``Σ_s w_s² Θ_s + Σ_{s<t} w_s w_t (C_st + C_stᵀ)`` with
     ``C_st = P_s Θ_x P_tᵀ`` (the skip has P = I), the branch outputs ``outs`` started at the branch input."""
+    assert s.ntk is not None
     streams = [(Dependence.identity(s.n), s.ntk, s.ntk_error, alpha)]
     streams += [(o.dep, o.ntk, o.ntk_error, b) for o, b in zip(outs, betas)]
     theta = np.zeros_like(s.sigma)
     err = 0.0
     for _, t, e, w in streams:
-        if w != 0:
+        if w != 0 and t is not None:
             theta += (w * w) * t
             err += w * w * e
     for i in range(len(streams)):

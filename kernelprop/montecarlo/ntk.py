@@ -50,7 +50,9 @@ _FREE = (Activation, _Norm, Dropout, Scale)
 @dataclass(frozen=True, eq=False)
 class NTKSimulation:
     """Result of :func:`simulate_ntk`: ``mean`` (N×N) and ``stderr`` of the empirical NTK of the network's
-    output over ``seeds`` networks of width ``width``; ``samples`` (S, N, N) the per-seed estimates."""
+    output over ``seeds`` networks of width ``width``; ``samples`` (S, N, N) the per-seed estimates;
+    ``parts[kind]`` (S, N, N) the share of each kind of weight (``dense`` — Dense and gated-MLP matrices,
+    ``bias``, ``values``, ``output``, ``queries`` — the tied query/key matrix)."""
 
     mean: np.ndarray
     stderr: np.ndarray
@@ -58,6 +60,7 @@ class NTKSimulation:
     width: int
     seeds: int
     directions: int
+    parts: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 
@@ -150,32 +153,32 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
-def _leaf_ntk(leaf) -> np.ndarray | int:
-    """The contribution of one leaf's own weights to Θ̂ (B, P, P), from its kept gradients."""
+def _leaf_ntk(leaf) -> dict:
+    """The contributions of one leaf's own weights to Θ̂ (B, P, P) by kind, from its kept gradients."""
     layer, x = leaf.layer, leaf.x
     if isinstance(layer, _FREE) or not leaf.gs:
-        return 0
+        return {}
     g = np.stack(leaf.gs, axis=1)                           # (B, P, N, fan_out)
     if isinstance(layer, Dense):
-        out = _weight_term(x, g, layer.weight_var)
+        out = {"dense": _weight_term(x, g, layer.weight_var)}
         if layer.bias_var:
-            out = out + _bias_term(g, layer.bias_var)
+            out["bias"] = _bias_term(g, layer.bias_var)
         return out
     if isinstance(layer, GatedMLP):
         c = _closure(leaf.pull)
         gh = np.matmul(g, np.swapaxes(c["wd"], -1, -2)[:, None])
         gu = gh * c["a"][:, None]
         gg = gh * (c["u"] * np.asarray(c["dphi"](c["g"]), dtype=np.float64))[:, None]
-        return (_weight_term(c["h"], g, layer.down_var) + _weight_term(x, gg, layer.gate_var)
-                + _weight_term(x, gu, layer.up_var))
+        return {"dense": _weight_term(c["h"], g, layer.down_var) + _weight_term(x, gg, layer.gate_var)
+                + _weight_term(x, gu, layer.up_var)}
     return _attention_ntk(layer, leaf, g)
 
 
 def _attention_ntk(layer, leaf, g):
     d = leaf.pull.data
-    out = 0
+    out = {}
     if d["wo"] is not None:
-        out = _weight_term(d["out"], g, layer.out_var)
+        out["output"] = _weight_term(d["out"], g, layer.out_var)
         go = np.matmul(g, np.swapaxes(d["wo"], -1, -2)[:, None])
     else:
         go = g
@@ -183,12 +186,12 @@ def _attention_ntk(layer, leaf, g):
     if d["wv"] is not None:     # G_V: the pullback with no weights after V and no score path
         only_v = dict(d, wo=None, wv=None, q=None, keys=None, want_q=False)
         gv = np.stack([layer._pullback(only_v, go[:, p], []) for p in range(passes)], axis=1)
-        out = out + _weight_term(d["x"], gv, layer.value_var)
+        out["values"] = _weight_term(d["x"], gv, layer.value_var)
     if d["mode"] == "tied" and d["q"] is not None:     # G_Q through both roles of the tied matrix
         hk = d["q"].shape[-1]
         only_q = dict(d, wo=None, wv=np.zeros((hk, d["x"].shape[-1])), wq=np.eye(hk), keys=None, want_q=False)
         gq = np.stack([layer._pullback(only_q, go[:, p], []) for p in range(passes)], axis=1)
-        out = out + _weight_term(d["x"], gq, layer.qk_var)
+        out["queries"] = _weight_term(d["x"], gq, layer.qk_var)
     return out
 
 
@@ -208,18 +211,23 @@ def simulate_ntk(network: Network, inputs: Inputs, width: int, seeds: int = 16, 
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(_check_seed(seed))
     streams = ss.spawn(seeds)
     batch = max(1, min(seeds, 8))
-    samples = []
+    samples, parts = [], []
     for start in range(0, seeds, batch):
         idx = range(start, min(seeds, start + batch))
         gens = [np.random.Generator(np.random.PCG64(streams[i])) for i in idx]
         vgens = [np.random.Generator(np.random.PCG64(np.random.SeedSequence(
             streams[i].entropy, spawn_key=tuple(streams[i].spawn_key) + (_NTK_STREAM,)))) for i in idx]
-        samples.append(_batch(network, inputs, width, gens, vgens, directions, init, input_kind, n))
+        t, p = _batch(network, inputs, width, gens, vgens, directions, init, input_kind, n)
+        samples.append(t)
+        parts.append(p)
     theta = np.concatenate(samples)
+    by_kind = {k: np.concatenate([p.get(k, np.zeros_like(t)) for p, t in zip(parts, samples)])
+               for k in dict.fromkeys(k for p in parts for k in p)}
     se = theta.std(axis=0, ddof=1) / math.sqrt(seeds) if seeds > 1 else np.full(theta.shape[1:], np.nan)
     return NTKSimulation(mean=theta.mean(axis=0), stderr=se, samples=theta, width=width, seeds=seeds,
-                         directions=directions, meta=dict(width=width, seeds=seeds, directions=directions,
-                                                          init=init or "per layer", inputs=input_kind))
+                         directions=directions, parts=by_kind,
+                         meta=dict(width=width, seeds=seeds, directions=directions, init=init or "per layer",
+                                   inputs=input_kind))
 
 
 def _batch(network, inputs, width, gens, vgens, directions, init, input_kind, n):
@@ -238,6 +246,7 @@ def _batch(network, inputs, width, gens, vgens, directions, init, input_kind, n)
     b, _, w_out = x.shape
     vctx = S.Context(vgens, w_out, (n,))
     theta = np.zeros((b, n, n))
+    parts: dict = {}
     for _ in range(directions):
         v = vctx.normal((w_out,))                             # uniform on the unit sphere: E[v vᵀ] = I/w_out
         v /= np.linalg.norm(v, axis=-1, keepdims=True)
@@ -249,8 +258,13 @@ def _batch(network, inputs, width, gens, vgens, directions, init, input_kind, n)
             for pull in reversed(pulls):
                 g = pull(g)
         for leaf in leaves:
-            theta += _leaf_ntk(leaf)
-    return 0.5 * (theta + np.swapaxes(theta, -1, -2)) / directions
+            for kind, c in _leaf_ntk(leaf).items():
+                theta += c
+                parts[kind] = parts.get(kind, 0.0) + c
+
+    def sym(t):
+        return 0.5 * (t + np.swapaxes(t, -1, -2)) / directions
+    return sym(theta), {k: sym(v) for k, v in parts.items()}
 
 
 def check_ntk(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, directions: int = 2,
@@ -267,6 +281,7 @@ def check_ntk(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, 
     if half != 0:
         hw = half if half is not None else width // 2
         hsim = simulate_ntk(network, inputs, hw, seeds, directions=directions, seed=seed + 1)
+    assert traj.ntk is not None
     cmp = compare_ntk(traj.ntk[-1], sim, hsim, alpha=alpha, error=float(traj["ntk_error"][-1]),
                       label=traj.labels[-1], record=len(traj) - 1)
     return cmp, traj, sim, hsim
