@@ -165,6 +165,20 @@ def test_attention_ntk_with_alibi_heads_is_mixed_theta_plus_the_value_and_output
     np.testing.assert_allclose(got, sv_eff * so * (mix(theta) + own * mix(sigma)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("kw, mix", [
+    (dict(matrix="shaped", alpha=1.0, beta=0.5, gamma=0.2, causal=True),
+     lambda c: np.eye(3) + 0.3 * c),
+    (dict(matrix="value_skipinit", alpha=0.8, beta=0.6),
+     lambda c: 0.8 * np.eye(3) + 0.6 * np.full((3, 3), 1 / 3)),
+])
+def test_modified_zero_score_matrices_enter_the_ntk_as_fixed_mixings(kw, mix):
+    net = Network(block=[Dense(weight_var=1.1, bias_var=0.1), Attention(value_var=0.9, out_var=1.4, **kw)], depth=1)
+    got = _final_ntk(net, I.gram(SIGMA3))
+    sigma = 1.1 * SIGMA3 + 0.1
+    m = mix(np.tril(np.ones((3, 3))) / np.arange(1, 4)[:, None])
+    np.testing.assert_allclose(got, 0.9 * 1.4 * (m @ sigma @ m.T + 2 * m @ sigma @ m.T), rtol=1e-12)
+
+
 def test_tied_score_ntk_uses_the_deterministic_softmax_of_the_kernel():
     net = Network(block=[Dense(weight_var=0.9), Attention(scores="tied", qk_var=1.7, causal=True)], depth=1)
     got = _final_ntk(net, I.gram(SIGMA3))
@@ -203,6 +217,9 @@ NETWORKS = {
     "post_ln": Network(block=[Residual(Attention(heads=2, value_var=1.2), beta=0.7), LayerNorm(gain=1.1),
                               Residual(Dense(weight_var=2.0), Activation("gelu"), Dense(), Dropout(0.1), beta=0.7),
                               LayerNorm(), Scale(1.1)], depth=2),
+    "e_spa": Network(block=[Residual(LayerNorm(), Attention(spa="e-spa", causal=True), beta=0.8),
+                            Residual(LayerNorm(), Dense(weight_var=2.0), Activation("relu"), Dense(), beta=0.6)],
+                     depth=3),
 }
 
 
