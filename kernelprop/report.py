@@ -7,7 +7,8 @@ from rich.table import Table
 
 DEFAULT_COLUMNS = ("q_mean", "cos_mean", "cos_min", "rank_one_distance", "stable_rank", "effective_rank")
 HEADERS = {"q_mean": "q mean", "cos_mean": "cos mean", "cos_min": "cos min", "rank_one_distance": "dist. to\nrank one",
-           "stable_rank": "stable\nrank", "effective_rank": "effective\nrank", "quad_error": "approx.\nerror"}
+           "stable_rank": "stable\nrank", "effective_rank": "effective\nrank", "quad_error": "approx.\nerror",
+           "ntk_mean": "NTK\nmean", "ntk_cond": "NTK\ncond."}
 
 
 def pick_rows(n: int, most: int = 24) -> list:

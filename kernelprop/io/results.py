@@ -97,6 +97,8 @@ def write(traj, path, spec_raw=None, extra=None) -> Path:
                                                "input": traj.inputs.description, **(extra or {})},
                                               default=_default))}
         arrays.update({f"measure_{k}": v for k, v in traj.measures.items()})
+        if getattr(traj, "ntk", None) is not None:
+            arrays["ntk"] = traj.ntk
         np.savez_compressed(npz, **arrays)
         payload = npz.getvalue()
     atomic_write(path, payload)
