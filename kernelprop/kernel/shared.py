@@ -56,7 +56,7 @@ from ..layers.norm import LayerNorm, RMSNorm
 from ..layers.scale import Scale
 from ..network.network import Network
 from ..network.walk import INPUT, RecordPlan, units
-from . import quadrature
+from . import activations, quadrature
 from .maps import Context
 from .state import KernelState
 
@@ -364,6 +364,13 @@ class Joint:
         joint[..., 0, 1] = joint[..., 1, 0] = np.clip(cov, -root, root)
         if _same_function(la, lb):
             k, _, err = la.inner_kernel(joint, self.quad_nodes)
+            return k[..., 0, 1], err
+        (_, a1, b1, _), (_, a2, b2, _) = la.transform(), lb.transform()
+        if isinstance(la.name, str) and la.name == lb.name and dict(la.params) == dict(lb.params) \
+                and b1 == 0.0 and b2 == 0.0:     # φ(a₁u), φ(a₂w): φ on the rescaled joint kernel
+            scale = np.array([a1, a2])
+            k, _, err = activations.activation_kernel(la.name, joint * np.outer(scale, scale), la.params,
+                                                      nodes=self.quad_nodes)
             return k[..., 0, 1], err
         fa, fb = _shifted(la), _shifted(lb)
         k, err = quadrature.gauss_hermite_kernel(fa, fb, joint, self.quad_nodes)
