@@ -126,7 +126,7 @@ class _Family:
         themselves; returns their local positions."""
         n, k = len(glob), self.size
         if k + n > self.buf.shape[0]:
-            cap = max(2 * self.buf.shape[0], k + n, 16)
+            cap = max(3 * self.buf.shape[0] // 2, k + n, 16)
             buf = np.zeros((cap, cap))
             buf[:k, :k] = self.gram
             self.buf = buf
@@ -329,13 +329,8 @@ class Joint:
             return Stream(g * (m + dl), np.zeros((self.n, 0)), None, g * g * (a * a * err_in + err), z.width)
         fam = self.families[int(fams[0])]
         v = np.clip(np.diagonal(sig).copy(), 0.0, None)
-        try:
-            _, dmean, derr = layer.inner_derivative_kernel(v[:, None, None], self.quad_nodes)
-        except SpecError as exc:
-            raise NotSupportedError(f"{where}: activation {layer.label!r}: the shared-weights interpreter needs "
-                                    f"E[φ'] for Stein's lemma ({exc.allowed})") from None
-        d = a * np.asarray(dmean, dtype=float).reshape(self.n)
-        err = max(err, abs(a) * derr * float(np.sqrt(v.max())))
+        d, derr = self._stein(layer, v)
+        err = max(err, derr * float(np.sqrt(v.max())))
         R = self.rows(z)
         row = np.zeros((self.n, fam.size))
         gl = fam.g_local
@@ -351,6 +346,17 @@ class Joint:
         fam.hatoms.append(_HAtom(layer, zloc, self.coefficients(z, fam.idx[zloc]), v, m, d, local))
         atom = self._atom_stream(fam, glob, local, z.width, g * g * (a * a * err_in + (1.0 + 2.0 * abs(dl)) * err))
         return Stream(g * (m + dl), g * atom.C, None if atom.R is None else g * atom.R, atom.err, atom.width)
+
+    def _stein(self, layer: Activation, v: np.ndarray) -> tuple:
+        """``d_i = E[∂_z φ(αz + β)] = α E[φ'(αz_i + β)]``, ``z_i ~ N(0, v_i)``, and its error: from φ' when
+        the activation has one, else ``E[z φ(αz + β)]/v`` (Stein's lemma read backwards, by quadrature)."""
+        _, a, _, _ = layer.transform()
+        if not (callable(layer.name) and layer.derivative is None):
+            _, dmean, derr = layer.inner_derivative_kernel(v[:, None, None], self.quad_nodes)
+            return a * np.asarray(dmean, dtype=float).reshape(self.n), abs(a) * derr
+        ez, err = quadrature.gauss_hermite_kernel(lambda u: u, _shifted(layer), v[:, None, None], self.quad_nodes)
+        safe = np.where(v > 0, v, 1.0)
+        return np.where(v > 0, ez.reshape(self.n) / safe, 0.0), err / float(np.sqrt(safe.min()))
 
     def _cross(self, la: Activation, va, lb: Activation, vb, cov) -> tuple:
         """``E[φ_a(α_a u_i + β_a) φ_b(α_b w_j + β_b)]`` for jointly Gaussian ``(u_i, w_j)`` with variances
@@ -543,7 +549,8 @@ def _atoms(layer) -> list:
 
 
 def estimate(network: Network, n: int, shared: bool | None = None) -> dict:
-    """Elements, Gram and stored-input sizes of a run: ``{"elements", "bytes", "gram_bytes", "input_bytes"}``."""
+    """Elements, Gram and stored-input sizes of a run: ``{"elements", "bytes", "gram_bytes", "input_bytes"}``
+    (an upper estimate: the Gram blocks counted with their spare capacity)."""
     shared = network.shared_weights if shared is None else shared
     depth = network.depth
     block = _atoms(network.block)
@@ -556,6 +563,7 @@ def estimate(network: Network, n: int, shared: bool | None = None) -> dict:
         stored = len(block) * depth * n * atoms // 2
     else:
         gram += depth * sum((n * k) ** 2 for k in block)
+    gram = 9 * gram // 4     # the Gram blocks grow by half when full: up to 2.25 times their size
     live = 16 * n * atoms
     return {"elements": atoms, "gram_bytes": 8 * gram, "input_bytes": 8 * stored,
             "bytes": 8 * (gram + stored + live)}
