@@ -32,8 +32,9 @@ diagonal, one block (a *family*) per matrix. The rules, keyed by layer type:
 
 Without shared weights every matrix has one use and the interpreter reproduces
 :func:`kernelprop.propagate` (to rounding). Cost: K = N·(1 + atoms) elements; memory about
-``8·(Σ_f K_f² + U·N·K)`` bytes (U: the uses of shared matrices), work about ``N²·K·U`` per block;
-refused beyond ``memory_limit`` (:func:`estimate`).
+``8·(Σ_f K_f² + U·N·K/2)`` bytes (K_f the elements of matrix f, U the uses of shared matrices),
+work about ``N²·K`` per pair of uses of one matrix; refused beyond ``memory_limit`` by the upper
+estimate :func:`estimate`.
 """
 
 from __future__ import annotations
@@ -596,7 +597,8 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
                         f"the shared-weights interpreter would hold about {need['bytes'] / GIB:.1f} GiB "
                         f"({need['elements']:,} elements for {n} tokens: Gram blocks {need['gram_bytes'] / GIB:.1f} "
                         f"GiB, inputs of the shared matrices {need['input_bytes'] / GIB:.1f} GiB), more than "
-                        f"{limit / GIB:.1f} GiB: lower the depth or the number of tokens, or raise memory_limit")
+                        f"{limit / GIB:.1f} GiB: lower the depth or the number of tokens, or raise memory_limit "
+                        "(kernelprop.kernel.shared.propagate(..., memory_limit=bytes))")
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     joint = Joint(n, inputs.segments, quad_nodes, shared)
