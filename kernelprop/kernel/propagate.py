@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import measures as M
-from ..errors import NumericalError
+from ..errors import NotSupportedError, NumericalError
 from ..inputs import Inputs
 from ..network.layers import Network
 from ..network.walk import INPUT, RecordPlan, Unit, units
@@ -89,7 +89,13 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     ``ntk``: also propagate the neural tangent kernel Θ (NTK parametrisation, docs/theory.md §14) and
     keep it per record (``Trajectory.ntk``); Θ = 0 at the input.
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
+    A network with ``shared_weights`` runs on the joint-state interpreter
+    (:func:`kernelprop.kernel.shared.propagate`, docs/theory.md §13).
     """
+    if getattr(network, "shared_weights", False):
+        from .shared import propagate as joint
+        return joint(network, inputs, record=record, every=every, keep_kernels=keep_kernels, spectral=spectral,
+                     quad_nodes=quad_nodes, progress=progress)
     plan = RecordPlan(network, record, every)
     traj, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, spectral=spectral, quad_nodes=quad_nodes,
                       progress=progress, ntk=ntk)
@@ -104,6 +110,11 @@ def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels:
     ``on_unit(unit, state_in, backs)``, if given, receives each unit's input state and the backward
     rules of its parts (the backward pass keeps or checkpoints them). Returns ``(trajectory, state)``.
     """
+    if getattr(network, "shared_weights", False):
+        raise NotSupportedError("the backward pass with shared_weights = true is not implemented: the gradient "
+                                "kernel would need the covariances of every shared matrix's gradients across blocks "
+                                "(its transpose is used on the way back, beyond docs/theory.md §13); the forward "
+                                "kernels come from propagate")
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     ctx = ctx or Context(quad_nodes)

@@ -59,14 +59,33 @@ class Context:
     tape: bool = False               # also build each layer's backward rule (explicit weights)
     path: str = ""                   # layer path, for parameter-gradient names
     bctx: Context | None = None    # the backward stream (virtual keys of zero-query layers), or None
+    shared: dict | None = None       # weights shared across blocks: the first block's draws, by key
+    share_key: tuple | None = None   # the running part's key in ``shared`` (None: draw afresh)
+    share_calls: dict = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
         return len(self.gens)
 
+    def share(self, key: tuple | None) -> None:
+        """Start a part whose weights are shared under ``key`` (None: its own weights)."""
+        self.share_key = key
+        self.share_calls = {}
+
     def normal(self, shape) -> np.ndarray:
-        """``(B, *shape)`` standard normals, seed b drawn from its own stream."""
-        return _fill(self.gens, shape, "standard_normal")
+        """``(B, *shape)`` standard normals, seed b drawn from its own stream.
+
+        Inside a shared part (:meth:`share`) the k-th draw of the layer at ``path`` is the first block's
+        k-th draw there: every weight matrix and bias is reused by every block (docs/theory.md §13)."""
+        if self.shared is None or self.share_key is None:
+            return _fill(self.gens, shape, "standard_normal")
+        k = self.share_calls.get(self.path, 0)
+        self.share_calls[self.path] = k + 1
+        key = (self.share_key, self.path, k, tuple(shape))
+        draw = self.shared.get(key)
+        if draw is None:
+            draw = self.shared[key] = _fill(self.gens, shape, "standard_normal")
+        return draw.copy()
 
     def uniform(self, shape) -> np.ndarray:
         """``(B, *shape)`` uniforms on [0, 1), seed b drawn from its own stream."""
@@ -117,7 +136,8 @@ def weights(ctx: Context, fan_in: int, fan_out: int, var: float, init: str = "ga
 def project(ctx: Context, x: np.ndarray, fan_out: int, var: float, init: str = "gaussian") -> np.ndarray:
     """``X W`` for fresh weights ``W`` (fan_in × fan_out) drawn as :func:`weights`, exact in law.
 
-    Each weight matrix multiplies one ``X`` only, so ``X W`` may be drawn directly. With the thin QR
+    Each weight matrix multiplies one ``X`` only, so ``X W`` may be drawn directly (with weights shared
+    across blocks it does not: :func:`~kernelprop.montecarlo.simulate` then forms them explicitly). With the thin QR
     ``Xᵀ = U R`` (U: fan_in × N, orthonormal columns), ``X W = Rᵀ (Uᵀ W)``, and by rotation invariance
     ``Uᵀ W`` is i.i.d. ``N(0, var/fan_in)`` for Gaussian W; for scaled orthogonal W (the first rows or
     columns of a Haar matrix O of size m = max(fan_in, fan_out)) it is ``c·P[:, :fan_out]`` with P
@@ -221,6 +241,8 @@ class Plan:
     records: int = 0
     orthogonal: bool = False
     nesting: int = 0
+    shapes: list = field(default_factory=list)   # (fan_in, fan_out) of every weight, in order
+    shared_weights: int = 0    # weight entries per seed kept for reuse across blocks
 
     def enter(self) -> None:
         """Into a residual or parallel branch (one more live stream)."""
@@ -233,6 +255,7 @@ class Plan:
     def add_weight(self, fan_in: int, fan_out: int, kind: str) -> None:
         """Count one weight matrix (its size as drawn: explicit, or the projected form when N < fan_in)."""
         n = sum(self.segments)
+        self.shapes.append((fan_in, fan_out))
         explicit = self.products == "explicit" or n >= fan_in
         size = fan_in * fan_out if explicit else n * max(fan_in, fan_out)
         self.max_weight = max(self.max_weight, size)
@@ -243,7 +266,7 @@ class Plan:
     def batch_bytes(self, batch: int, n: int, t_max: int) -> int:
         live = 4 + 2 * self.max_nesting
         per_seed = (n * self.max_width * live + self.max_weight * (3 if self.orthogonal else 1)
-                    + 4 * self.max_scores + 6 * t_max * self.max_width + 3 * n * n)
+                    + 4 * self.max_scores + 6 * t_max * self.max_width + 3 * n * n + self.shared_weights)
         return 8 * batch * per_seed
 
     def auto_batch(self, seeds: int, n: int, t_max: int) -> int:
@@ -259,14 +282,32 @@ class Plan:
 
 
 def plan(network, width: int, segments, init: str | None, scores: str | None,
-         products: str = "auto") -> Plan:
-    """Walk every resolved layer once: check the widths and attention shapes, count the work."""
+         products: str = "auto", *, shared: bool = False) -> Plan:
+    """Walk every resolved layer once: check the widths and attention shapes, count the work.
+
+    A network with ``shared_weights`` needs ``shared=True`` (the forward simulation reuses the first
+    block's draws; the backward simulation does not) and the same weight shapes in every block."""
     from ..network.walk import units
+    if getattr(network, "shared_weights", False) and not shared:
+        raise NotSupportedError("the finite-width backward pass with shared_weights = true is not implemented: "
+                                "the gradient of each shared matrix would be the sum over its uses in every block; "
+                                "simulate and check run the forward pass")
     p = Plan(width=width, segments=tuple(segments), init=init, scores=scores, products=products, max_width=width)
     w = width
+    first: list | None = None
     for unit in units(network):
         where = f"block {unit.block}" if unit.section == "block" else unit.section
+        start = len(p.shapes)
         w = unit.layer.plan(w, where, p)
+        if shared and unit.section == "block":
+            mine = p.shapes[start:]
+            if first is None:
+                first = mine
+                p.shared_weights = sum(a * b for a, b in mine)
+            elif mine != first:
+                raise SpecError("shared_weights", True, f"block {unit.block} needs weight shapes {mine} but block 1 "
+                                f"has {first}: shared weights need the same shapes in every block (the block must "
+                                "map the stream width to itself)")
     return p
 
 

@@ -123,15 +123,20 @@ def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, i
     Dong et al.'s composite residual (an L-BFGS solve per record). ``products``: ``"auto"`` draws
     each product ``X W`` directly in law when N < fan_in (:func:`~kernelprop.montecarlo.sampler.project`),
     ``"explicit"`` always forms the weight matrices. Everything is checked, and the memory
-    estimated, before any work.
+    estimated, before any work. With ``network.shared_weights`` every block reuses the first block's
+    weights and biases (stem and final layers keep their own), formed explicitly (``products`` is then
+    ``"explicit"``: a projected draw assumes one use per matrix).
     """
     if products not in ("auto", "explicit"):
         raise SpecError("products", products, "must be \"auto\" or \"explicit\"")
+    shared = bool(getattr(network, "shared_weights", False))
+    if shared:
+        products = "explicit"
     check_options(inputs, width, seeds, every, init, input_kind, scores, record)
     n = inputs.n_tokens
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
-    plan = S.plan(network, width, inputs.segments, init, scores, products)
+    plan = S.plan(network, width, inputs.segments, init, scores, products, shared=shared)
     labels = RecordPlan(network, record, every).all(network)
     plan.records = len(labels)
     t_max, t0 = max(inputs.segments), inputs.segments[0]
@@ -190,6 +195,9 @@ def _run(network, inputs, width, gens, input_kind, init, scores, products, recor
          progress):
     """One batch: forward through every layer, measuring at the record points."""
     ctx = S.Context(gens, width, inputs.segments, init=init, scores=scores, products=products)
+    shared = bool(getattr(network, "shared_weights", False))
+    if shared:
+        ctx.shared = {}
     x = S.sample_inputs(inputs, width, gens, input_kind)
     out = []
 
@@ -202,6 +210,8 @@ def _run(network, inputs, width, gens, input_kind, init, scores, products, recor
     for unit in units(network):
         for i, part in enumerate(unit.parts):
             ctx.where = unit.part_label(i)
+            if shared:
+                ctx.share(("block", i) if unit.section == "block" else None)
             x = S.forward(part, x, ctx)
             if not np.all(np.isfinite(x)):
                 raise NumericalError(ctx.where, "the finite-width features have NaN or infinite entries",

@@ -14,13 +14,17 @@ from ..layers.base import Layer
 from ..layers.composite import Serial
 from . import expressions
 
+_SHAPE_FIELDS = ("width_factor", "key_width")   # numeric fields that set a weight matrix's shape
+
 
 @dataclass(frozen=True, eq=False)
 class Network:
     """``final ∘ block_L ∘ … ∘ block_1 ∘ stem``: a stem, a block repeated ``depth`` times, a head.
 
     Expressions in any layer may use ``L`` (= ``depth``), ``l`` (the block index, 1…L; 0 in the
-    stem, L+1 in ``final``) and the names in ``params``.
+    stem, L+1 in ``final``) and the names in ``params``. ``shared_weights``: every block reuses the
+    first block's weights and biases (torch's ``nn.TransformerEncoder`` clones, ALBERT, Universal
+    Transformers); the stem and final layers keep their own (docs/theory.md §13).
     """
 
     block: Serial
@@ -29,6 +33,7 @@ class Network:
     final: Serial = field(default_factory=Serial)
     params: Mapping = field(default_factory=dict)
     name: str = ""
+    shared_weights: bool = False
 
     def __post_init__(self):
         for part in ("block", "stem", "final"):
@@ -56,6 +61,24 @@ class Network:
                     raise SpecError(f"{part}.{where}", e.text,
                                     f"uses unknown name(s) {sorted(unknown)}; allowed are L, l, pi, e "
                                     f"and the params {sorted(params) or '(none defined)'}")
+
+        if not isinstance(self.shared_weights, (bool, np.bool_)):
+            raise SpecError("shared_weights", self.shared_weights, "must be true or false")
+        object.__setattr__(self, "shared_weights", bool(self.shared_weights))
+        if self.shared_weights:
+            self._check_shared_shapes()
+
+    def _check_shared_shapes(self) -> None:
+        """Shared weights need the same shapes in every block: no width may vary with ``l``."""
+        for where, e in self.block.expressions():
+            if where.rsplit(".", 1)[-1] not in _SHAPE_FIELDS or "l" not in e.names:
+                continue
+            values = {e(self.env(l)) for l in range(1, self.depth + 1)}
+            if len(values) > 1:
+                raise SpecError(f"block.{where}", e.text,
+                                "varies with the block index l, but shared_weights = true reuses the first block's "
+                                "weights, which need the same shape in every block: give a width that does not "
+                                "depend on l")
 
     def env(self, l: int) -> dict:
         return {**self.params, "L": float(self.depth), "l": float(l)}

@@ -1,6 +1,7 @@
 """Spec files: the same network description as TOML (reference: docs/spec-reference.md).
 
-A spec has top-level ``name``, ``description``, ``depth``; tables ``[params]`` (named constants for
+A spec has top-level ``name``, ``description``, ``depth``, ``shared_weights`` (every block reuses the
+first block's weights); tables ``[params]`` (named constants for
 expressions), ``[input]``, ``[record]``; and arrays of layer tables ``[[stem]]``, ``[[block]]``
 (repeated ``depth`` times) and ``[[final]]``. A layer table has a ``type`` and that layer's fields;
 ``residual`` and ``parallel`` hold sub-layers in ``layers`` (``branches = [{beta=…, layers=[…]}]``).
@@ -30,7 +31,7 @@ COMPOSITES = ("residual", "parallel", "serial")
 def primitives() -> dict:
     """``kind -> class`` of every registered layer type that a spec table can name directly."""
     return {k: c for k, c in LAYERS.items() if k not in COMPOSITES}
-TOP_KEYS = {"name", "description", "depth", "params", "input", "record", "stem", "block", "final"}
+TOP_KEYS = {"name", "description", "depth", "params", "input", "record", "stem", "block", "final", "shared_weights"}
 INPUT_KEYS = {
     "identity": {"tokens", "q", "sequences"},
     "equicorrelated": {"tokens", "q", "rho", "sequences", "cross_rho"},
@@ -86,7 +87,7 @@ def from_dict(raw: dict, *, base=".", depth=None, params=None, path=None) -> Spe
         block=_layers(raw.get("block", []), "block"),
         stem=_layers(raw.get("stem", []), "stem"),
         final=_layers(raw.get("final", []), "final"),
-        depth=d, params=p, name=str(raw.get("name", "")),
+        depth=d, params=p, name=str(raw.get("name", "")), shared_weights=raw.get("shared_weights", False),
     )
     record = _record(raw.get("record", {}))
     inputs = _inputs(raw.get("input"), Path(base))
