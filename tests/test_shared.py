@@ -334,3 +334,17 @@ def test_memory_estimate_refuses():
         J.propagate(net, EQ, memory_limit=need["bytes"] - 1)
     assert e.value.field == "depth"
     J.propagate(net, EQ, memory_limit=need["bytes"])
+
+
+def test_interpreters_without_a_shared_rule_refuse_it():
+    """The symbolic engine, the NTK and a sweep's cache all know about shared weights."""
+    from kernelprop.layers import Dense, Residual
+    from kernelprop.sweep.compute import _fingerprint
+    from kernelprop.symbolic import derive
+    block = [Residual(Dense(), beta=0.5)]
+    shared = kp.Network(block=block, depth=3, shared_weights=True)
+    with pytest.raises(kp.NotSupportedError, match="shared_weights = true"):
+        derive(shared, I.equicorrelated(3, 1.0, 0.2))
+    with pytest.raises(kp.NotSupportedError, match="shared_weights = true"):
+        kp.propagate(shared, I.identity(3), ntk=True)
+    assert _fingerprint(shared) != _fingerprint(kp.Network(block=block, depth=3))

@@ -94,6 +94,10 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     """
     if getattr(network, "shared_weights", False):
         from .shared import propagate as joint
+        if ntk:
+            raise NotSupportedError("ntk=True with shared_weights = true is not implemented: the tangent kernel "
+                                    "would need the cross-block covariances of the shared matrices' gradients; "
+                                    "run without ntk, or with fresh weights")
         return joint(network, inputs, record=record, every=every, keep_kernels=keep_kernels, spectral=spectral,
                      quad_nodes=quad_nodes, progress=progress)
     plan = RecordPlan(network, record, every)

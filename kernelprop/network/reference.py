@@ -42,6 +42,8 @@ def reference() -> str:
         "| `[[block]]` | the block's layers, repeated `depth` times (expressions see l = 1…L) |",
         "| `[[final]]` | layers after the last block (expressions see l = L+1) |",
         "| `[record]` | `mode = \"blocks\"` (default) or `\"sublayers\"`; `every = k` records every k-th block |",
+        "| `shared_weights` | `true`: every block reuses the first block's weights (torch's cloned "
+        "`nn.TransformerEncoder` layers, ALBERT; docs/theory.md §13); default `false` |",
         "",
         "Numeric fields marked *expr* accept a number or an expression string in `L` (depth), `l` "
         "(block index), params, `pi`, `e` and `sqrt exp log sin cos tanh abs min max`, e.g. "

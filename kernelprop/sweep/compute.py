@@ -72,6 +72,7 @@ def _fingerprint(network: Network) -> tuple:
         used |= e.names
     with np.printoptions(threshold=sys.maxsize, precision=17):
         return (repr(network.stem), repr(network.block), repr(network.final), int(network.depth),
+                bool(getattr(network, "shared_weights", False)),
                 tuple(sorted((k, float(v)) for k, v in network.params.items() if k in used)))
 
 

@@ -292,6 +292,11 @@ def block_map(network: Network, *, mode: str = "equicorrelated", tokens=None, sy
     equicorrelated mode, 4 s in the explicit mode). Raises :class:`~kernelprop.errors.NotSupportedError`
     naming the layer when a layer has no symbolic map in this mode.
     """
+    if getattr(network, "shared_weights", False):
+        from ..errors import NotSupportedError
+        raise NotSupportedError("shared_weights = true: the block map of a shared matrix depends on every earlier "
+                                "use of it (docs/theory.md §13), which the symbolic state does not carry; use the "
+                                "numeric engine")
     coder: EquiCoder | ExplicitCoder
     if mode == "equicorrelated":
         coder = EquiCoder()

@@ -39,7 +39,7 @@ REFUSED = {  # example -> why the (q, ρ) mode refuses it (the causal three are 
     "gpt2": STANDARD,
     "llama": STANDARD,
     "torch_encoder": STANDARD,
-    "torch_encoder_cloned": STANDARD,
+    "torch_encoder_cloned": "shared_weights = true",
 }
 RTOL = 1e-12
 
