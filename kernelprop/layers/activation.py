@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import NotSupportedError, SpecError
 from ..kernel import activations
+from ..kernel.quadrature import check_kinks
 from ..kernel.state import UNKNOWN
 from .base import Layer, Param, num, register_layer
 
@@ -41,6 +42,8 @@ class Activation(Layer):
     params: Mapping = field(default_factory=dict)
     scale: Param = num(1.0, "real", "output multiplier")
     derivative: Callable | None = None
+    kinks: tuple | None = field(default=None, metadata={
+        "doc": "points where φ or φ' is not smooth, for a callable (the quadrature splits there)"})
     kind = "activation"
 
     def __post_init__(self):
@@ -48,6 +51,8 @@ class Activation(Layer):
         if not callable(self.name):
             activations.check_activation(self.name, dict(self.params))
         object.__setattr__(self, "params", dict(self.params))
+        if self.kinks is not None:
+            object.__setattr__(self, "kinks", check_kinks(self.kinks))
 
     @property
     def label(self) -> str:
@@ -69,7 +74,8 @@ class Activation(Layer):
                 f"{ctx.where}: activation {self.label!r} acts on a stream whose head blocks have different kernels "
                 "(a weight-free attention with per-head biases came before it): the kernel of the average is not "
                 "the average of the kernels; put a Dense layer (or attention with value weights) in between")
-        k, m, err = activations.activation_kernel(self.name, s.sigma, self.params, nodes=ctx.quad_nodes)
+        k, m, err = activations.activation_kernel(self.name, s.sigma, self.params, nodes=ctx.quad_nodes,
+                                                  kinks=self.kinks)
         c = self.scale
         dep = s.dep
         if dep is not None and dep.kind not in ("zero",):
@@ -80,7 +86,7 @@ class Activation(Layer):
 
         def back(pi, grads):
             kp, _, _ = activations.derivative_kernel(self.name, sig_in, self.params, derivative=self.derivative,
-                                                     nodes=nodes)
+                                                     nodes=nodes, kinks=self.kinks)
             return pi * ((self.scale ** 2) * kp)
         return out, back
 
