@@ -85,6 +85,7 @@ _GRADING = (1.0, 3.0, 8.0)  # extra outer cuts at the inner kink's shadow, in un
 _ROUNDS = 50  # bisections of a panel at most
 _PANELS = 256  # open panels of one line at most (beyond: accepted with their estimates)
 _ROUND_OFF = 200.0 * _EPS
+_NOISE = 128.0 * _EPS  # a value's absolute round-off, relative to the line's largest value
 _INNER_EVALS = 2**21  # inner evaluations per chunk of inner lines
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TAIL = 1e-16  # truncation allowance, relative to sqrt(E f² E g²): 1e7 × P(|Z| > Z_MAX)
@@ -356,6 +357,7 @@ def _gk_lines(integrand, cuts: np.ndarray, tol: np.ndarray):
     x0, wk, gi, wg = kronrod_rule()
     n_lines = cuts.shape[0]
     value, error = np.zeros(n_lines), np.zeros(n_lines)
+    top = np.zeros(n_lines)  # largest |value| seen on each line: the scale of its values' own noise
     line, lo, hi = _initial_panels(cuts)
     span = 2.0 * Z_MAX
     for rnd in range(_ROUNDS + 1):
@@ -364,9 +366,13 @@ def _gk_lines(integrand, cuts: np.ndarray, tol: np.ndarray):
         half = 0.5 * (hi - lo)
         x = (0.5 * (hi + lo))[:, None] + half[:, None] * x0
         y, y_err = integrand(line, x)
+        starts = np.flatnonzero(np.diff(line, prepend=-1))  # panels are kept sorted by line
+        top[line[starts]] = np.maximum(top[line[starts]], np.maximum.reduceat(np.abs(y).max(axis=1), starts))
         kv = half * (y @ wk)
         diff = np.abs(kv - half * (y[:, gi] @ wg))
-        floor = _ROUND_OFF * half * (np.abs(y) @ wk)
+        # round-off: relative to the values, and absolute (a value computed as 1 − t² near t = ±1
+        # carries ~eps of the function's scale even where it is tiny)
+        floor = _ROUND_OFF * half * (np.abs(y) @ wk) + _NOISE * half * top[line]
         est = diff + floor
         if y_err is not None:
             est += half * (y_err @ wk)
@@ -378,8 +384,9 @@ def _gk_lines(integrand, cuts: np.ndarray, tol: np.ndarray):
         error += np.bincount(line[done], est[done], n_lines)
         keep = ~done
         line, lo, hi = line[keep], lo[keep], hi[keep]
-        mid = 0.5 * (lo + hi)
-        line, lo, hi = np.concatenate([line, line]), np.concatenate([lo, mid]), np.concatenate([mid, hi])
+        mid = 0.5 * (lo + hi)  # children next to each other, so the panels stay sorted by line
+        line = np.repeat(line, 2)
+        lo, hi = np.stack([lo, mid], axis=1).ravel(), np.stack([mid, hi], axis=1).ravel()
     return value, error
 
 
