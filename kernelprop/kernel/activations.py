@@ -26,13 +26,19 @@ Closed forms:
   + (ab + s²)/(2π sqrt D)``,
   mean ``a / sqrt(2π(1 + a))``; mean' ``1/2``; ``K'`` by quadrature.
 - identity: ``K = Σ``, mean 0, ``K' = 1``, mean' 1. tanh: mean 0 (odd).
+- step ``1[x > 0]``: ``K = P(u > 0, v > 0) = (π − θ)/(2π)``, mean 1/2; ``K' = 0`` (φ' = 0 away
+  from the jump, whose delta is not a derivative the backward pass can carry).
 
-Everything else (tanh, SiLU, softplus, GELU's ``K'``, user callables) uses the 2-D Gauss–Hermite
-quadrature of :mod:`kernelprop.kernel.quadrature`, which also reports an error estimate.
+Everything else (tanh, SiLU, softplus, GELU's ``K'``, ELU, SELU, hard tanh, ReLU6, user callables)
+uses the quadrature of :mod:`kernelprop.kernel.quadrature`, which also reports an error bound:
+Gauss–Hermite for smooth functions, Gauss–Kronrod split at the kinks for the others. Each
+registered activation lists its kinks (``ActivationSpec.kinks``: relu, leaky_relu, abs, elu, selu,
+step at 0; hard_tanh at ``min_val, max_val``; relu6 at 0 and 6); a callable may declare them
+(``kinks=``), else the quadrature looks for them (:func:`~kernelprop.kernel.quadrature.find_kinks`).
 
 Zero-variance tokens (``Σii = 0``): ``u_i ≡ 0`` so ``K[i, j] = φ(0) mean[j]`` and ``mean[i] = φ(0)``,
-with the derivative conventions of PyTorch at 0: ``relu'(0) = 0``, ``leaky'(0) = slope``,
-``abs'(0) = 0``.
+with the derivative conventions of PyTorch at kinks: ``relu'(0) = 0``, ``leaky'(0) = slope``,
+``abs'(0) = 0``, ``elu'(0) = alpha``, ``hard_tanh'`` and ``relu6'`` 0 at their corners.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from ..errors import NumericalError, SpecError
 from . import quadrature as _quad
 
 __all__ = [
-    "ActivationSpec", "ACTIVATIONS", "check_activation", "activation_kernel", "derivative_kernel",
+    "ActivationSpec", "ACTIVATIONS", "check_activation", "activation_kernel", "derivative_kernel", "kinks_of",
 ]
 
 _TWO_PI = 2.0 * math.pi
@@ -66,7 +72,10 @@ class ActivationSpec:
     """A registered activation: ``phi(x, **params)``, its derivative ``dphi`` and closed forms.
 
     The closed forms take ``(Σii, Σjj, Σij, **params)`` (broadcastable arrays) or
-    ``(Σii, **params)`` for means; ``None`` means "by quadrature".
+    ``(Σii, **params)`` for means; ``None`` means "by quadrature". ``kinks``: the points where φ or
+    φ' is not smooth (a tuple, or a function of the params), where the quadrature splits its
+    integrals; ``d2phi``: φ'' where it exists (for C-map curvatures); ``check(**params)``: a
+    constraint between parameters, raising :class:`SpecError`.
     """
 
     name: str
@@ -78,6 +87,15 @@ class ActivationSpec:
     dkernel: Callable | None = None
     dmean: Callable | None = None
     doc: str = ""
+    kinks: Callable | tuple = ()
+    d2phi: Callable | None = None
+    check: Callable | None = None
+
+    def kink_points(self, params: Mapping | None = None) -> tuple[float, ...]:
+        """Points where φ or φ' is not smooth (kinks, jumps), for ``params`` (defaults filled in)."""
+        full = {**self.params, **(params or {})}
+        pts = self.kinks(**full) if callable(self.kinks) else self.kinks
+        return _quad.check_kinks(pts)
 
 
 # --- elementwise functions -------------------------------------------------------------------
@@ -153,6 +171,83 @@ def _softplus(x):
 
 def _dsoftplus(x):
     return _expit(x)
+
+
+def _zeros(x, **_):
+    return np.zeros_like(x, dtype=np.float64)
+
+
+def _d2erf_a(x, a=1.0):
+    return (-4.0 * a ** 3 / math.sqrt(math.pi)) * x * np.exp(-(a * x) ** 2)
+
+
+def _d2gelu(x):
+    return (2.0 - x * x) * _INV_SQRT_2PI * np.exp(-0.5 * x * x)
+
+
+def _d2tanh(x):
+    t = np.tanh(x)
+    return -2.0 * t * (1.0 - t * t)
+
+
+def _d2silu(x):
+    s = _expit(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+def _d2softplus(x):
+    s = _expit(x)
+    return s * (1.0 - s)
+
+
+def _elu(x, alpha=1.0):
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+
+def _delu(x, alpha=1.0):
+    return np.where(x > 0, 1.0, alpha * np.exp(np.minimum(x, 0.0)))
+
+
+def _d2elu(x, alpha=1.0):
+    return np.where(x > 0, 0.0, alpha * np.exp(np.minimum(x, 0.0)))
+
+
+_SELU_SCALE = 1.0507009873554804934193349852946   # Klambauer et al. (2017)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+
+
+def _selu(x):
+    return _SELU_SCALE * _elu(x, _SELU_ALPHA)
+
+
+def _dselu(x):
+    return _SELU_SCALE * _delu(x, _SELU_ALPHA)
+
+
+def _d2selu(x):
+    return _SELU_SCALE * _d2elu(x, _SELU_ALPHA)
+
+
+def _hard_tanh(x, min_val=-1.0, max_val=1.0):
+    return np.clip(np.asarray(x, dtype=np.float64), min_val, max_val)
+
+
+def _dhard_tanh(x, min_val=-1.0, max_val=1.0):
+    return ((x > min_val) & (x < max_val)).astype(np.float64)
+
+
+def _check_hard_tanh(min_val=-1.0, max_val=1.0):
+    if not min_val < max_val:
+        raise SpecError("max_val", max_val, f"must be greater than min_val = {min_val} (hard_tanh clips to "
+                        "[min_val, max_val])")
+
+
+def _relu6(x):
+    return np.clip(np.asarray(x, dtype=np.float64), 0.0, 6.0)
+
+
+def _drelu6(x):
+    return ((x > 0) & (x < 6)).astype(np.float64)
 
 
 # --- closed forms ----------------------------------------------------------------------------
@@ -268,31 +363,49 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
         "identity", _identity, _ones, {},
         kernel=lambda a, b, s: np.asarray(s, dtype=np.float64) + 0.0 * (a + b),
         mean=_zero_mean, dkernel=lambda a, b, s: np.ones(np.broadcast(a, b, s).shape), dmean=_one,
-        doc="φ(x) = x"),
+        doc="φ(x) = x", d2phi=_zeros),
     "relu": ActivationSpec(
         "relu", _relu, _step, {}, kernel=_relu_kernel, mean=_relu_mean,
-        dkernel=_relu_dkernel, dmean=_half, doc="max(x, 0); arc-cosine kernel (Cho & Saul 2009)"),
+        dkernel=_relu_dkernel, dmean=_half, doc="max(x, 0); arc-cosine kernel (Cho & Saul 2009)",
+        kinks=(0.0,), d2phi=_zeros),
     "leaky_relu": ActivationSpec(
         "leaky_relu", _leaky, _dleaky, {"slope": 0.01}, kernel=_leaky_kernel, mean=_leaky_mean,
         dkernel=_leaky_dkernel, dmean=_leaky_dmean,
-        doc="x for x > 0, slope·x otherwise (default slope 0.01 as in PyTorch)"),
+        doc="x for x > 0, slope·x otherwise (default slope 0.01 as in PyTorch)", kinks=(0.0,), d2phi=_zeros),
     "abs": ActivationSpec(
         "abs", _abs, _sign, {}, kernel=_abs_kernel, mean=_abs_mean,
-        dkernel=_abs_dkernel, dmean=_zero_mean, doc="|x| = 2 relu(x) − x"),
+        dkernel=_abs_dkernel, dmean=_zero_mean, doc="|x| = 2 relu(x) − x", kinks=(0.0,), d2phi=_zeros),
     "erf": ActivationSpec(
         "erf", _erf_a, _derf_a, {"a": 1.0},
         kernel=lambda vi, vj, s, a=1.0: _erf_closed(vi, vj, s, a), mean=_zero_mean,
         dkernel=lambda vi, vj, s, a=1.0: _erf_dclosed(vi, vj, s, a),
-        dmean=lambda d, a=1.0: _erf_dmean_closed(d, a), doc="erf(a·x) (Williams 1997)"),
+        dmean=lambda d, a=1.0: _erf_dmean_closed(d, a), doc="erf(a·x) (Williams 1997)", d2phi=_d2erf_a),
     "gelu": ActivationSpec(
         "gelu", _gelu, _dgelu, {}, kernel=_gelu_kernel, mean=_gelu_mean, dkernel=None,
-        dmean=_half, doc="exact GELU xΦ(x) (Tsuchida et al. 2021)"),
+        dmean=_half, doc="exact GELU xΦ(x) (Tsuchida et al. 2021)", d2phi=_d2gelu),
     "tanh": ActivationSpec(
-        "tanh", _tanh, _dtanh, {}, kernel=None, mean=_zero_mean, doc="tanh(x), by quadrature"),
+        "tanh", _tanh, _dtanh, {}, kernel=None, mean=_zero_mean, doc="tanh(x), by quadrature", d2phi=_d2tanh),
     "silu": ActivationSpec(
-        "silu", _silu, _dsilu, {}, doc="x·sigmoid(x) (swish), by quadrature"),
+        "silu", _silu, _dsilu, {}, doc="x·sigmoid(x) (swish), by quadrature", d2phi=_d2silu),
     "softplus": ActivationSpec(
-        "softplus", _softplus, _dsoftplus, {}, doc="log(1 + eˣ), by quadrature"),
+        "softplus", _softplus, _dsoftplus, {}, doc="log(1 + eˣ), by quadrature", d2phi=_d2softplus),
+    "elu": ActivationSpec(
+        "elu", _elu, _delu, {"alpha": 1.0}, doc="x for x > 0, alpha·(eˣ − 1) otherwise (Clevert et al. "
+        "2016); split quadrature", kinks=(0.0,), d2phi=_d2elu),
+    "selu": ActivationSpec(
+        "selu", _selu, _dselu, {}, doc="λ·elu(x, α), λ ≈ 1.0507, α ≈ 1.6733 (Klambauer et al. 2017); split "
+        "quadrature", kinks=(0.0,), d2phi=_d2selu),
+    "hard_tanh": ActivationSpec(
+        "hard_tanh", _hard_tanh, _dhard_tanh, {"min_val": -1.0, "max_val": 1.0},
+        doc="x clipped to [min_val, max_val] (PyTorch Hardtanh); split quadrature",
+        kinks=lambda min_val=-1.0, max_val=1.0: (min_val, max_val), d2phi=_zeros, check=_check_hard_tanh),
+    "relu6": ActivationSpec(
+        "relu6", _relu6, _drelu6, {}, doc="min(max(x, 0), 6); split quadrature", kinks=(0.0, 6.0), d2phi=_zeros),
+    "step": ActivationSpec(
+        "step", _step, _zeros, {}, kernel=lambda a, b, s: _relu_dkernel(a, b, s), mean=_half,
+        dkernel=lambda a, b, s: np.zeros(np.broadcast(a, b, s).shape), dmean=_zero_mean,
+        doc="Heaviside 1[x > 0]: P(u > 0, v > 0) = (π − θ)/(2π); φ' = 0 away from the jump", kinks=(0.0,),
+        d2phi=_zeros),
 }
 """Registry: activation name → :class:`ActivationSpec`."""
 
@@ -324,6 +437,8 @@ def check_activation(name, params=None) -> None:
                 or not math.isfinite(float(val))):
             raise SpecError(key, val, f"parameter {key!r} of activation {name!r} must be a finite "
                             "real number")
+    if spec.check is not None:
+        spec.check(**{**spec.params, **{k: float(v) for k, v in params.items()}})
 
 
 def _resolve(name_or_callable, params):
@@ -372,13 +487,13 @@ def _fix_zero_variance(K, mean, diag, f0):
     return K, mean
 
 
-def _expectations(f, closed_kernel, closed_mean, cparams, s, diag, nodes):
-    """Closed forms where given, else Gauss–Hermite; returns ``(K, mean, err)``."""
+def _expectations(f, closed_kernel, closed_mean, cparams, s, diag, nodes, kinks=None):
+    """Closed forms where given, else quadrature (split at ``kinks``); returns ``(K, mean, err)``."""
     err = 0.0
     if closed_mean is not None:
         mean = np.asarray(closed_mean(diag, **cparams), dtype=np.float64) + np.zeros(diag.shape)
     else:
-        mean, e = _quad.gauss_hermite_mean(f, diag, nodes)
+        mean, e = _quad.gauss_hermite_mean(f, diag, nodes, kinks=kinks)
         err = max(err, e)
     if closed_kernel is not None:  # in row blocks, so the temporaries stay small for large N
         K = np.empty(s.shape)
@@ -389,53 +504,71 @@ def _expectations(f, closed_kernel, closed_mean, cparams, s, diag, nodes):
             K[..., blk, :] = closed_kernel(diag[..., blk, None], diag[..., None, :], s[..., blk, :],
                                            **cparams)
     else:
-        K, e = _quad.gauss_hermite_kernel(f, f, s, nodes)
+        K, e = _quad.gauss_hermite_kernel(f, f, s, nodes, kinks=kinks)
         err = max(err, e)
     K, mean = _fix_zero_variance(K, mean, diag, _value_at_zero(f))
     return K, mean, float(err)
 
 
+def kinks_of(name_or_callable, params=None, kinks=None):
+    """The points where the quadrature splits: for a registered name its own kinks (given ``params``)
+    merged with ``kinks``; for a callable ``kinks`` as given (``None``: not declared, so the
+    quadrature looks for them, see :func:`kernelprop.kernel.quadrature.find_kinks`)."""
+    given = None if kinks is None else _quad.check_kinks(kinks)
+    if isinstance(name_or_callable, str):
+        spec, full, *_ = _resolve(name_or_callable, params)
+        assert spec is not None
+        return tuple(sorted(set(spec.kink_points(full)) | set(given or ())))
+    return given
+
+
 # --- public maps -----------------------------------------------------------------------------
 
-def activation_kernel(name_or_callable, sigma, params=None, *, nodes=None):
+def activation_kernel(name_or_callable, sigma, params=None, *, nodes=None, kinks=None):
     """``K[..., i, j] = E[φ(u_i) φ(u_j)]`` and ``mean[..., i] = E[φ(u_i)]`` for ``u ~ N(0, sigma)``.
 
     ``name_or_callable``: a key of :data:`ACTIVATIONS` or a vectorised callable ``φ`` (called as
     ``φ(x, **params)``). ``sigma``: ``(..., N, N)`` symmetric PSD (leading batch dimensions allowed).
     ``nodes``: Gauss–Hermite rule for quadrature (``None`` = adaptive, see
-    :mod:`kernelprop.kernel.quadrature`); ignored by closed forms.
-    Returns ``(K, mean, err)``; ``err`` is an upper estimate of the largest absolute error of ``K``
-    and ``mean`` (0.0 for closed forms; for quadrature see :mod:`kernelprop.kernel.quadrature`,
-    reliable for smooth φ, heuristic for kinked callables). Closed forms and sources are listed in
-    the module docstring.
+    :mod:`kernelprop.kernel.quadrature`); ignored by closed forms and by split rules.
+    ``kinks``: points in φ's argument where φ or φ' is not smooth (kinks, jumps): the quadrature
+    splits its integrals there (docs/theory.md §1.3). A registered name brings its own (these are
+    merged); for a callable, ``None`` means "not declared" (the quadrature then looks for them) and
+    ``()`` "smooth".
+    Returns ``(K, mean, err)``; ``err`` bounds the largest absolute error of ``K`` and ``mean`` in
+    practice (0.0 for closed forms; see :mod:`kernelprop.kernel.quadrature`). Closed forms and
+    sources are listed in the module docstring.
     """
     spec, full, phi, _, label = _resolve(name_or_callable, params)
     _quad.check_nodes(nodes)
+    cuts = kinks_of(name_or_callable, params, kinks)
     s, diag = _prepare(sigma, label)
     if spec is None:
-        return _expectations(phi, None, None, {}, s, diag, nodes)
-    return _expectations(phi, spec.kernel, spec.mean, full, s, diag, nodes)
+        return _expectations(phi, None, None, {}, s, diag, nodes, cuts)
+    return _expectations(phi, spec.kernel, spec.mean, full, s, diag, nodes, cuts)
 
 
-def derivative_kernel(name_or_callable, sigma, params=None, *, derivative=None, nodes=None):
+def derivative_kernel(name_or_callable, sigma, params=None, *, derivative=None, nodes=None, kinks=None):
     """``K'[..., i, j] = E[φ'(u_i) φ'(u_j)]`` and ``mean'[..., i] = E[φ'(u_i)]``, ``u ~ N(0, sigma)``.
 
-    Closed forms for identity, relu ``(π − θ)/(2π)``, leaky_relu, abs and erf (Williams 1997);
-    quadrature of the analytic derivative for tanh, silu, softplus and gelu. A callable activation
-    needs ``derivative=`` (a vectorised callable ``φ'``, called with the same ``params``).
+    Closed forms for identity, relu ``(π − θ)/(2π)``, leaky_relu, abs, erf (Williams 1997) and
+    step (0: the jump's delta is not a derivative); quadrature of the derivative otherwise, split at
+    the kinks (where φ' jumps) as in :func:`activation_kernel`. A callable activation needs
+    ``derivative=`` (a vectorised callable ``φ'``, called with the same ``params``).
     Returns ``(K', mean', err)`` as :func:`activation_kernel`.
     """
     spec, full, _, dphi, label = _resolve(name_or_callable, params)
     _quad.check_nodes(nodes)
+    cuts = kinks_of(name_or_callable, params, kinks)
     if spec is None:
         if derivative is None or not callable(derivative):
             raise SpecError("derivative", derivative, "a callable activation needs derivative=<vectorised "
                             "callable φ'> for the derivative kernel")
         dphi = functools.partial(derivative, **full) if full else derivative
         s, diag = _prepare(sigma, label)
-        return _expectations(dphi, None, None, {}, s, diag, nodes)
+        return _expectations(dphi, None, None, {}, s, diag, nodes, cuts)
     if derivative is not None:
         raise SpecError("derivative", derivative, f"only for callable activations; {label!r} has a "
                         "built-in derivative")
     s, diag = _prepare(sigma, label)
-    return _expectations(dphi, spec.dkernel, spec.dmean, full, s, diag, nodes)
+    return _expectations(dphi, spec.dkernel, spec.dmean, full, s, diag, nodes, cuts)

@@ -1,35 +1,45 @@
-"""Gauss–Hermite quadrature for Gaussian expectations of elementwise functions.
+"""Gaussian expectations of elementwise functions: Gauss–Hermite, and Gauss–Kronrod split at kinks.
 
 For a zero-mean Gaussian pair ``(u, v)`` with second moments ``Σii, Σjj, Σij`` the conditional form
 
     u = sqrt(Σii) z1,   v = sqrt(Σjj) (c z1 + sqrt(1 − c²) z2),   c = Σij / sqrt(Σii Σjj),
 
-with ``z1, z2`` independent standard normals, turns ``E[f(u) g(v)]`` into the double sum
-``Σ_a Σ_b w_a w_b f(u_a) g(v_ab)`` over probabilists' Hermite nodes (``hermegauss``, weights
-normalised to sum 1). The form stays well conditioned as ``c → ±1`` (the inner sum then collapses
-onto ``z1``; ``1 − c² ≤ 16 eps`` is taken as exactly ``c = ±1``) and for a zero-variance token
-(``c`` is set to 0, so the entry is ``f(0) E[g(v)]``).
+with ``z1, z2`` independent standard normals, turns ``E[f(u) g(v)]`` into an iterated integral over
+``z1`` (outer) and ``z2`` (inner). It stays well conditioned as ``c → ±1`` (``1 − c² ≤ 16 eps`` is
+taken as exactly ``c = ±1``: no inner integral, ``v = ±sqrt(Σjj) z1``) and for a zero-variance token
+(``c`` is set to 0, so the entry is ``f(0) E[g(v)]``). docs/theory.md §1.3.
 
-Nodes whose weight is negligible (``w·max(1, z⁴) < 1e-20``) are dropped: a rule of ``n`` nodes then
-costs ``m²`` evaluations per entry with ``m ≈ 48, 68, 98, 140, 200`` for ``n = 64 … 1024``.
+Two rules:
 
-Error estimate (see :func:`_adaptive`): ``d_n = |K_n − K_{n/2}|``, the difference from the rule with
-half the nodes. For the analytic activations (tanh, SiLU, softplus, GELU, erf) convergence is
-geometric in ``sqrt(n)`` and ``d_n`` over-estimates the error of ``K_n`` by orders of magnitude.
-When the differences decay slowly (``d_n / d_{n/2} ≥ 0.1``: kinks, jumps, very sharp functions) the
-estimate is inflated to ``max(d_n, d_{n/2})`` times the geometric tail factor. A round-off floor
-``16 eps m sqrt(E f(u)² E g(v)²)`` is added. With ``nodes=None`` (default) each entry is refined
-adaptively, ``n = 64, 128, …, 1024``, until the estimate is below ``tol·sqrt(E f(u)² E g(v)²)``
-(``tol = 1e-11``); entries not converged by 1024 nodes report their larger estimate.
+* **Gauss–Hermite** (smooth f and g, the default for them): the double sum
+  ``Σ_a Σ_b w_a w_b f(u_a) g(v_ab)`` over probabilists' Hermite nodes (weights normalised to 1;
+  nodes with ``w·max(1, z⁴) < 1e-20`` dropped, so ``n = 64 … 1024`` cost ``m²`` evaluations,
+  ``m ≈ 48 … 200``). Estimate ``d_n = |K_n − K_{n/2}|``, inflated to ``max(d_n, d_{n/2})`` times a
+  geometric tail factor when the differences decay slowly (``d_n/d_{n/2} ≥ 0.1``); adaptive per
+  entry, ``n = 64, 128, …, 1024``, until it is below ``tol·sqrt(E f(u)² E g(v)²)``. For analytic f, g
+  convergence is geometric in ``sqrt(n)`` and ``d_n`` over-estimates the error by orders of
+  magnitude. An entry not converged by 1024 nodes (a sharp or kinked function) is recomputed by the
+  split rule below, which is kept when its estimate is smaller.
+* **Split Gauss–Kronrod** (when ``kinks`` are given): each variable is truncated to
+  ``|z| ≤ Z_MAX = 10`` (outside mass 1.5e-23) and cut into panels at a fixed grid and at the
+  kinks: the outer variable at ``z1 = k/sa`` (kinks of f) and at ``z1 = k/(sb c)`` (where the
+  inner kink crosses ``z2 = 0``; ``E[g(v) | z1]`` turns there over a width ``σ = r/|c|``, so for
+  ``σ < 1`` also at ``± σ, ± 3σ, ± 8σ`` around it), the inner variable at the ``z1``-dependent points
+  ``z2 = (k/sb − c z1)/r``. Each panel gets the 21-point Kronrod rule and the embedded 10-point
+  Gauss rule; a panel is accepted when ``|K21 − G10|`` is within its share of the tolerance, and
+  bisected otherwise (at most 50 times), so a kink or jump that was not declared, or a sharp
+  smooth feature, is still located, at a higher cost. The inner integrals get the tolerance of
+  their outer node divided by ``|f(u) ϕ(z1)|``. Error of an entry: the sum over outer panels of
+  ``|K21 − G10|``, plus the inner errors weighted by ``|f(u)| ϕ(z1)``, plus a round-off term
+  ``50 eps Σ|values|``. On each smooth piece K21 converges much faster than G10, so this is an
+  upper bound in practice: tests/kernel/test_quadrature_bounds.py checks it against scipy's
+  ``quad`` split at the kinks over a battery of kinked, jumping, sharp and smooth functions.
 
-Measured: tanh, SiLU, softplus agree with ``scipy.integrate.dblquad`` to ≤ 3e-13 and erf, GELU
-with their closed forms to ≤ 1e-13 for variances up to 10 (reported errors ≤ ~5e-9).
-Limitations: for non-smooth callables the estimate is a heuristic. A jump in ``g`` (e.g. the
-derivative of a ReLU-like callable) narrower than the node spacing, as happens for ``c → ±1``, is
-invisible to both rules, and GH converges only algebraically across kinks (~1e-4 at 1024 nodes);
-use the closed forms for such activations. Cost is dominated by evaluations of ``g``
-(~15 ns each): a distinct off-diagonal entry of tanh at variance 1 takes ~0.3 ms, at variance 10
-~1.4 ms; pass ``nodes=`` for a cheaper fixed rule.
+Limitations: f and g must be bounded by a polynomial times ``exp(x²/(4 max Σii))`` or so (the
+truncation; ``|φ|`` growing like ``e^{|x|}`` at variance 10 is fine). A fixed rule (``nodes=n``)
+is plain Gauss–Hermite for kink-free functions, with the heuristic estimate against ``n/2``.
+Cost: a distinct off-diagonal entry of tanh at variance 1 takes ~0.3 ms by Gauss–Hermite; a kinked
+entry by the split rule ~2–10 ms (~1e5 evaluations), a jump that was not declared ~10× more.
 
 Only the upper triangle is computed when ``f is g``, and only once per distinct triple
 ``(Σii, Σjj, Σij)`` (equicorrelated kernels have two), in chunks that keep the temporary arrays
@@ -39,30 +49,92 @@ below about 200 MB.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import warnings
+from collections.abc import Iterable
 
 import numpy as np
 
 from ..errors import SpecError
 
 __all__ = [
-    "DEFAULT_TOL", "MIN_NODES", "MAX_NODES", "check_nodes", "hermite_rule", "gauss_hermite_kernel",
-    "gauss_hermite_mean",
+    "DEFAULT_TOL", "MIN_NODES", "MAX_NODES", "Z_MAX", "check_nodes", "check_kinks", "hermite_rule",
+    "kronrod_rule", "find_kinks", "gauss_hermite_kernel", "gauss_hermite_mean", "pair_expectations",
+    "single_expectations",
 ]
 
 DEFAULT_TOL = 1e-11
-"""Adaptive target for ``|K_n − K_{n/2}|`` relative to ``sqrt(E f(u)² E g(v)²)``."""
+"""Target for the error estimate relative to ``sqrt(E f(u)² E g(v)²)``."""
 MIN_NODES = 64
 """First adaptive rule (compared with ``MIN_NODES // 2``, which is compared with ``MIN_NODES // 4``)."""
 MAX_NODES = 1024
-"""Last adaptive rule; entries not converged by then report their (larger) difference as error."""
+"""Last Gauss–Hermite rule; entries not converged by then go to the split rule."""
+Z_MAX = 10.0
+"""Truncation of each standard-normal variable in the split rule (``P(|Z| > 10) = 1.5e-23``)."""
 _PRUNE = 1e-20
 _MEMORY_BYTES = 160 * 2**20
 _TRIPLE_BLOCK = 2**17  # distinct triples handled together (per-triple arrays of 1 MB)
 _TEMPORARIES = 8  # (P, m, m) float64 arrays alive at once inside a chunk, generous for f, g
 _EPS = np.finfo(np.float64).eps
 _SNAP = 16.0 * _EPS
+_KRONROD = 10  # Gauss points of the Gauss–Kronrod pair (21 Kronrod points)
+_GRID = np.array([-Z_MAX, -6.5, -4.5, -3.0, -1.75, -0.6, 0.6, 1.75, 3.0, 4.5, 6.5, Z_MAX])
+_NEAR = 0.3  # grid points closer than this to a breakpoint are dropped
+_GRADING = (1.0, 3.0, 8.0)  # extra outer cuts at the inner kink's shadow, in units of its width
+_ROUNDS = 50  # bisections of a panel at most
+_PANELS = 256  # open panels of one line at most (beyond: accepted with their estimates)
+_ROUND_OFF = 200.0 * _EPS
+_NOISE = 128.0 * _EPS  # a value's absolute round-off, relative to the line's largest value
+_INNER_EVALS = 2**21  # inner evaluations per chunk of inner lines
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TAIL = 1e-16  # truncation allowance, relative to sqrt(E f² E g²): 1e7 × P(|Z| > Z_MAX)
+
+
+def check_kinks(kinks) -> tuple[float, ...]:
+    """``kinks`` as a sorted tuple of distinct floats: ``None`` → ``()``; otherwise an iterable of
+    finite real numbers (points in φ's argument where φ or φ' is not smooth), else :class:`SpecError`."""
+    if kinks is None:
+        return ()
+    allowed = ("must be a sequence of finite real numbers: the points in φ's argument where φ or φ' "
+               "is not smooth (a kink or a jump), e.g. kinks=(0.0,)")
+    if isinstance(kinks, (str, bytes)) or not isinstance(kinks, Iterable):
+        raise SpecError("kinks", kinks, allowed)
+    out = []
+    for k in kinks:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(float(k)):
+            raise SpecError("kinks", kinks, allowed)
+        out.append(float(k))
+    return tuple(sorted(set(out)))
+
+
+@functools.cache
+def kronrod_rule(n: int = _KRONROD) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gauss–Kronrod pair on [-1, 1]: ``(x, w_kronrod, gauss_index, w_gauss)``, 2n+1 and n points.
+
+    The n + 1 new points are the zeros of the Stieltjes polynomial ``E_{n+1}`` (Kronrod 1965), the
+    degree-(n+1) polynomial orthogonal to ``P_n x^k``, k ≤ n, found in the Legendre basis; the
+    weights make the rule exact for the Legendre polynomials of degree ≤ 2n (the rule is then exact
+    to degree 3n + 1, checked in the tests). Arrays are read-only.
+    """
+    from numpy.polynomial import legendre as leg
+
+    eye = np.eye(2 * n + 2)
+    xq, wq = leg.leggauss(2 * n + 2)  # exact for the degree ≤ 3n + 1 products below
+    p = np.array([leg.legval(xq, eye[j]) for j in range(n + 2)])
+    m = np.einsum("q,q,jq,kq->kj", wq, p[n], p, p[: n + 1])
+    coef = np.append(np.linalg.solve(m[:, : n + 1], -m[:, n + 1]), 1.0)
+    xg, wg = leg.leggauss(n)
+    x = np.sort(np.concatenate([xg, np.sort(leg.legroots(coef).real)]))
+    v = np.array([leg.legval(x, eye[j]) for j in range(2 * n + 1)])
+    rhs = np.zeros(2 * n + 1)
+    rhs[0] = 2.0
+    wk = np.linalg.solve(v, rhs)
+    gi = np.array([int(np.argmin(np.abs(x - t))) for t in xg])
+    out = (x, wk, gi, wg)
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 @functools.cache
@@ -248,18 +320,307 @@ def _unique_triples(flat, ii, jj, symmetric):
     return dvals, ia_u, ib_u, svals[sid_u], inverse.ravel()
 
 
-def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL):
-    """``K[..., i, j] = E[f(u_i) g(u_j)]`` for ``u ~ N(0, sigma)`` by 2-D Gauss–Hermite quadrature.
+# --- the split Gauss–Kronrod rule ------------------------------------------------------------
+
+def _npdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _initial_panels(cuts: np.ndarray):
+    """Panels ``(line, lo, hi)`` of every line: the fixed grid (points within ``_NEAR`` of a cut
+    dropped) and the line's own cuts (non-finite ones ignored), inside ``[-Z_MAX, Z_MAX]``."""
+    n = cuts.shape[0]
+    cuts = np.where(np.isfinite(cuts), cuts, -Z_MAX)
+    cuts = np.clip(cuts, -Z_MAX, Z_MAX)
+    grid = np.broadcast_to(_GRID, (n, _GRID.size))
+    if cuts.shape[1]:
+        inner = np.abs(grid) < Z_MAX
+        near = np.abs(grid[:, :, None] - cuts[:, None, :]).min(axis=2) < _NEAR
+        grid = np.where(inner & near, -Z_MAX, grid)
+    pts = np.sort(np.concatenate([grid, cuts], axis=1), axis=1)
+    lo, hi = pts[:, :-1], pts[:, 1:]
+    keep = hi > lo
+    line = np.broadcast_to(np.arange(n)[:, None], lo.shape)[keep]
+    return line, lo[keep], hi[keep]
+
+
+def _gk_lines(integrand, cuts: np.ndarray, tol: np.ndarray):
+    """``∫_{-Z}^{Z} F_l(x) dx`` for many lines l at once, by adaptive Gauss–Kronrod.
+
+    ``integrand(line, x) -> (F, F_err)``: values at the points ``x`` (P, 2n+1) of panels of lines
+    ``line`` (P,), and an absolute error of each value (or None). ``cuts`` (L, K): each line's
+    breakpoints; ``tol`` (L,): absolute tolerances (``inf`` accepts the first pass). A panel is
+    accepted when its estimate ``|K − G|`` (+ round-off + the values' own errors) is at most
+    ``tol·length/2Z``, or when its line's total is below ``tol``; else it is bisected.
+    Returns ``(values, errors)``.
+    """
+    x0, wk, gi, wg = kronrod_rule()
+    n_lines = cuts.shape[0]
+    value, error = np.zeros(n_lines), np.zeros(n_lines)
+    top = np.zeros(n_lines)  # largest |value| seen on each line: the scale of its values' own noise
+    line, lo, hi = _initial_panels(cuts)
+    span = 2.0 * Z_MAX
+    for rnd in range(_ROUNDS + 1):
+        if line.size == 0:
+            break
+        half = 0.5 * (hi - lo)
+        x = (0.5 * (hi + lo))[:, None] + half[:, None] * x0
+        y, y_err = integrand(line, x)
+        starts = np.flatnonzero(np.diff(line, prepend=-1))  # panels are kept sorted by line
+        top[line[starts]] = np.maximum(top[line[starts]], np.maximum.reduceat(np.abs(y).max(axis=1), starts))
+        kv = half * (y @ wk)
+        diff = np.abs(kv - half * (y[:, gi] @ wg))
+        # round-off: relative to the values, and absolute (a value computed as 1 − t² near t = ±1
+        # carries ~eps of the function's scale even where it is tiny)
+        floor = _ROUND_OFF * half * (np.abs(y) @ wk) + _NOISE * half * top[line]
+        est = diff + floor
+        if y_err is not None:
+            est += half * (y_err @ wk)
+        total = error + np.bincount(line, est, n_lines)
+        crowded = np.bincount(line, minlength=n_lines) > _PANELS
+        done = (total <= tol)[line] | (est * (span / (hi - lo)) <= tol[line]) | (rnd == _ROUNDS)
+        done |= (diff <= floor) | (half <= 1e-14 * Z_MAX) | crowded[line]  # round-off level, or too many
+        value += np.bincount(line[done], kv[done], n_lines)
+        error += np.bincount(line[done], est[done], n_lines)
+        keep = ~done
+        line, lo, hi = line[keep], lo[keep], hi[keep]
+        mid = 0.5 * (lo + hi)  # children next to each other, so the panels stay sorted by line
+        line = np.repeat(line, 2)
+        lo, hi = np.stack([lo, mid], axis=1).ravel(), np.stack([mid, hi], axis=1).ravel()
+    return value, error
+
+
+def _inner(g, a: np.ndarray, b: np.ndarray, kinks: np.ndarray, tol: np.ndarray):
+    """``E[g(a + b Z)]`` for flat arrays ``a``, ``b > 0`` (one line each), cut where ``a + b z`` is a kink."""
+    value, error = np.empty(a.shape), np.empty(a.shape)
+    per_line = (_GRID.size + kinks.size) * (2 * _KRONROD + 1)
+    step = max(1, _INNER_EVALS // per_line)
+    for lo in range(0, a.size, step):
+        sl = slice(lo, lo + step)
+        aa, bb = a[sl], b[sl]
+        cuts = (kinks[None, :] - aa[:, None]) / bb[:, None]
+
+        def integrand(line, x, aa=aa, bb=bb):
+            return _apply(g, aa[line, None] + bb[line, None] * x) * _npdf(x), None
+
+        value[sl], error[sl] = _gk_lines(integrand, cuts, tol[sl])
+    return value, error
+
+
+def _split_pairs(f, g, sa, sb, c, r, kinks: tuple, tol: np.ndarray):
+    """``E[f(sa z1) g(sb (c z1 + r z2))]`` per triple by the split rule; returns ``(values, errors)``."""
+    k = np.asarray(kinks, dtype=np.float64)
+    along, across = sb * c, sb * r            # v = along·z1 + across·z2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        own = k[None, :] / sa[:, None]        # kinks of f(sa z1)
+        shadow = k[None, :] / along[:, None]  # where the inner kink crosses z2 = 0
+        width = np.abs(across / along)        # width of the turn of E[g(v) | z1] there
+    width = np.where(width < 1.0, width, np.nan)[:, None]
+    parts = [own, shadow] + [shadow + s * d * width for d in _GRADING for s in (-1.0, 1.0)]
+    cuts = np.concatenate(parts, axis=1)
+    direct = across == 0.0
+    span = 2.0 * Z_MAX
+
+    def outer(line, x):
+        w = _apply(f, sa[line, None] * x) * _npdf(x)
+        mean_v = along[line, None] * x
+        h, h_err = np.empty(x.shape), np.zeros(x.shape)
+        d = np.broadcast_to(direct[line, None], x.shape)
+        if d.any():
+            h[d] = _apply(g, mean_v[d])
+        nd = ~d
+        if nd.any():
+            aw = np.abs(w[nd])
+            with np.errstate(divide="ignore"):
+                tol_in = np.where(aw > 0, 0.5 * np.broadcast_to(tol[line, None], x.shape)[nd] / (span * aw), np.inf)
+            h[nd], h_err[nd] = _inner(g, mean_v[nd], np.broadcast_to(across[line, None], x.shape)[nd], k, tol_in)
+        return w * h, np.abs(w) * h_err
+
+    return _gk_lines(outer, cuts, tol)
+
+
+def _split_single(f, sa, kinks: tuple, tol: np.ndarray):
+    """``E[f(sa Z)]`` per entry of ``sa`` by the split rule (cut at ``z = k/sa``)."""
+    k = np.asarray(kinks, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cuts = k[None, :] / sa[:, None]
+
+    def integrand(line, x):
+        return _apply(f, sa[line, None] * x) * _npdf(x), None
+
+    return _gk_lines(integrand, cuts, tol)
+
+
+def find_kinks(f, lo: float, hi: float, n: int = 4096) -> tuple[float, ...]:
+    """Points of ``[lo, hi]`` where ``f`` looks non-smooth: a jump, a kink (φ' jumps), a jump of φ''
+    or a feature narrower than about ``60 (hi − lo)/n``; located to ~1e-12 by zooming in.
+
+    On a grid of ``n`` cells (offset, so that a feature centred at 0 is not sampled symmetrically)
+    a point is suspect when a second difference exceeds 16× those three cells away on both sides
+    (jumps, kinks), a third difference 16× those four cells away (jumps of φ''), or a second
+    difference exceeds 1e-3 of the range of f (a steep smooth feature). A suspect point is refined
+    on finer grids while it stays so (a genuine kink or jump does at every scale; a smooth feature
+    stops at its own width, which still makes a useful cut). A heuristic, used for callables
+    without declared kinks: cuts make the split rule cheap and its estimate reliable, and stop
+    Gauss–Hermite from missing what falls between its nodes.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return ()
+    h = (hi - lo) / n
+    x = lo + (np.arange(n + 1) + 0.318309886) * h
+    y = _apply(f, x)
+    if not np.all(np.isfinite(y)):
+        return ()
+    top = max(float(np.abs(y).max()), np.finfo(np.float64).tiny)
+    floor = 1e-12 * top
+    d2 = np.abs(np.diff(y, 2))
+    d3 = np.abs(np.diff(y, 3))
+    found = []
+    for d, dist, order in ((d2, 3, 2), (d3, 4, 3)):
+        pad = np.concatenate([np.zeros(dist), d, np.zeros(dist)])
+        far = np.maximum(pad[:-2 * dist], pad[2 * dist:])
+        near = np.maximum.reduce([pad[dist - k:pad.size - dist - k] for k in range(-dist + 1, dist) if k])
+        hit = (d >= near) & (d > 16.0 * far) & (d > floor)
+        if order == 2:  # steep smooth features: one candidate per run of large second differences
+            steep = d > 1e-3 * (float(y.max() - y.min()))
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], steep.astype(np.int8), [0]])))
+            for a, b in zip(edges[::2], edges[1::2]):
+                hit[a + int(np.argmax(d[a:b]))] = True
+        for i in np.flatnonzero(hit)[:32]:
+            found.append(_zoom(f, x[i + 1] + (0.5 * h if order == 3 else 0.0), 2.0 * h, order, 64.0 * _EPS * top,
+                               1e-4 * (hi - lo)))
+    out: list[float] = []
+    for x0 in sorted(found):
+        if not out or x0 - out[-1] > 1e-9 * max(1.0, abs(x0)):
+            out.append(x0)
+    return tuple(out)
+
+
+def _zoom(f, x0: float, w: float, order: int, floor: float, unit: float) -> float:
+    """Refine a suspect point: re-grid ``[x0 − w, x0 + w]`` finer while the largest difference of
+    ``order`` stands out (16× the median), down to round-off of ``max(|x0|, unit)``."""
+    for _ in range(24):
+        xs = np.linspace(x0 - w, x0 + w, 33)
+        ys = _apply(f, xs)
+        if not np.all(np.isfinite(ys)):
+            break
+        d = np.abs(np.diff(ys, order))
+        j = int(np.argmax(d))
+        if d[j] <= 16.0 * float(np.median(d)) + floor:
+            break  # smooth at this scale
+        x0 = float(xs[j + 1]) if order == 2 else 0.5 * float(xs[j + 1] + xs[j + 2])
+        w = 2.0 * float(xs[1] - xs[0])
+        if w <= 4.0 * _EPS * max(abs(x0), unit):
+            break
+    return float(x0)
+
+
+def _fallback_kinks(f, g, sa, sb) -> tuple[float, ...]:
+    """Suspect points of f over ``|u| ≤ Z sa`` and of g over ``|v| ≤ Z sb`` (see :func:`find_kinks`)."""
+    pts = set(find_kinks(f, -Z_MAX * float(sa.max()), Z_MAX * float(sa.max())))
+    if g is not f or sb.max() != sa.max():
+        pts |= set(find_kinks(g, -Z_MAX * float(sb.max()), Z_MAX * float(sb.max())))
+    return tuple(sorted(pts))
+
+
+# --- public functions ------------------------------------------------------------------------
+
+def pair_expectations(f, g, a, b, s, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None, moments=None):
+    """``E[f(u) g(v)]`` per entry for 1-D arrays of second moments ``a = E u²``, ``b = E v²``,
+    ``s = E uv`` (``u, v`` zero-mean jointly Gaussian); returns ``(values, errors)`` per entry.
+
+    ``nodes``, ``tol``, ``kinks`` as in :func:`gauss_hermite_kernel`; ``moments``: optional
+    ``(E f(u)², E g(v)²)`` arrays (the scale of ``tol``), estimated by a 128-node rule otherwise.
+    """
+    declared = None if kinks is None else check_kinks(kinks)
+    levels = _levels(nodes)
+    a, b, s = (np.asarray(x, dtype=np.float64).ravel() for x in (a, b, s))
+    if a.size == 0:
+        return np.zeros(0), np.zeros(0)
+    if moments is None:
+        moments = (_second_moment(f, np.clip(a, 0.0, None)), _second_moment(g, np.clip(b, 0.0, None)))
+    sa, sb = np.sqrt(np.clip(a, 0.0, None)), np.sqrt(np.clip(b, 0.0, None))
+    prod = sa * sb
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(prod > 0, s / prod, 0.0)
+    c = np.clip(c, -1.0, 1.0)
+    r2 = 1.0 - c * c
+    r = np.sqrt(np.where(r2 <= _SNAP, 0.0, r2))  # |c| within round-off of 1 is taken as ±1
+    c = np.where(r == 0, np.sign(c), c)
+    scale = np.sqrt(moments[0] * moments[1])
+    floor = np.maximum(scale, np.finfo(np.float64).tiny)
+    if nodes is None:
+        cuts = _fallback_kinks(f, g, sa, sb) if declared is None else declared
+        if cuts:
+            values, errs = _split_pairs(f, g, sa, sb, c, r, cuts, tol * floor)
+            return values, errs + _TAIL * scale
+
+    def evaluate(index, n):
+        return _pair_sum(f, g, sa[index], sb[index], c[index], r[index], n)
+
+    values, errs = _adaptive(evaluate, scale, levels, tol)
+    if nodes is None:  # not converged by Gauss–Hermite: the split rule locates what it missed
+        bad = np.flatnonzero(errs > tol * floor)
+        if bad.size:
+            cuts = _fallback_kinks(f, g, sa[bad], sb[bad]) if declared is not None else ()
+            v2, e2 = _split_pairs(f, g, sa[bad], sb[bad], c[bad], r[bad], cuts, tol * floor[bad])
+            e2 += _TAIL * scale[bad]
+            better = e2 < errs[bad]
+            values[bad[better]] = v2[better]
+            errs[bad[better]] = e2[better]
+    return values, errs
+
+
+def single_expectations(f, a, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None):
+    """``E[f(u)]``, ``u ~ N(0, a)``, per entry of the 1-D array ``a``; returns ``(values, errors)``.
+
+    ``nodes``, ``tol``, ``kinks`` as in :func:`gauss_hermite_kernel` (1-D rules).
+    """
+    declared = None if kinks is None else check_kinks(kinks)
+    levels = _levels(nodes)
+    a = np.clip(np.asarray(a, dtype=np.float64).ravel(), 0.0, None)
+    if a.size == 0:
+        return np.zeros(0), np.zeros(0)
+    sa = np.sqrt(a)
+    scale = np.sqrt(_second_moment(f, a))
+    floor = np.maximum(scale, np.finfo(np.float64).tiny)
+    if nodes is None:
+        cuts = _fallback_kinks(f, f, sa, sa) if declared is None else declared
+        if cuts:
+            values, errs = _split_single(f, sa, cuts, tol * floor)
+            return values, errs + _TAIL * scale
+
+    def evaluate(index, n):
+        return _single_sum(f, sa[index], n)
+
+    values, errs = _adaptive(evaluate, scale, levels, tol)
+    if nodes is None:
+        bad = np.flatnonzero(errs > tol * floor)
+        if bad.size:
+            cuts = _fallback_kinks(f, f, sa[bad], sa[bad]) if declared is not None else ()
+            v2, e2 = _split_single(f, sa[bad], cuts, tol * floor[bad])
+            e2 += _TAIL * scale[bad]
+            better = e2 < errs[bad]
+            values[bad[better]] = v2[better]
+            errs[bad[better]] = e2[better]
+    return values, errs
+
+
+def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None):
+    """``K[..., i, j] = E[f(u_i) g(u_j)]`` for ``u ~ N(0, sigma)``; returns ``(K, err)``.
 
     ``f``, ``g``: vectorised callables on float64 arrays. ``sigma``: ``(..., N, N)`` symmetric PSD.
-    ``nodes``: an int for a fixed rule (error estimated against ``nodes // 2``) or ``None`` for the
-    adaptive rule (64 … 1024 nodes, target ``tol`` relative to ``sqrt(E f(u_i)² E g(u_j)²)``).
-    Returns ``(K, err)`` with ``err`` an estimate (over-estimate for smooth f, g) of
-    ``max |K − K_exact|``. Entries are computed once per distinct ``(Σii, Σjj, Σij)``; when ``f is g``
-    only the upper triangle is computed and mirrored.
+    ``kinks``: points in the argument of f and g where either is not smooth (kink or jump); with
+    kinks the split Gauss–Kronrod rule is used (``nodes`` does not apply). Without kinks, ``nodes``
+    is an int for a fixed Gauss–Hermite rule (error estimated against ``nodes // 2``) or ``None``
+    for the adaptive rule (64 … 1024 nodes, then the split rule for entries not converged). ``tol``:
+    target relative to ``sqrt(E f(u_i)² E g(u_j)²)``. ``err`` bounds ``max |K − K_exact|`` in
+    practice (see the module docstring). Entries are computed once per distinct
+    ``(Σii, Σjj, Σij)``; when ``f is g`` only the upper triangle is computed and mirrored.
     """
+    kinks = None if kinks is None else check_kinks(kinks)
     s = _as_kernel(sigma)
-    levels = _levels(nodes)
+    _levels(nodes)
     batch, n_tok = s.shape[:-2], s.shape[-1]
     if s.size == 0:
         return np.zeros(s.shape), 0.0
@@ -269,25 +630,12 @@ def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL):
     dvals, ia, ib, us, inverse = _unique_triples(flat, ii, jj, symmetric)
     moment_f = _second_moment(f, dvals)
     moment_g = moment_f if symmetric else _second_moment(g, dvals)
-    root = np.sqrt(dvals)
     values = np.empty(us.shape)
     err = 0.0
     for lo in range(0, us.size, _TRIPLE_BLOCK):  # bounded memory for the per-triple bookkeeping
         blk = slice(lo, lo + _TRIPLE_BLOCK)
-        sa, sb = root[ia[blk]], root[ib[blk]]
-        prod = sa * sb
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c = np.where(prod > 0, us[blk] / prod, 0.0)
-        c = np.clip(c, -1.0, 1.0)
-        r2 = 1.0 - c * c
-        r = np.sqrt(np.where(r2 <= _SNAP, 0.0, r2))  # |c| within round-off of 1 is taken as ±1
-        c = np.where(r == 0, np.sign(c), c)
-        scale = np.sqrt(moment_f[ia[blk]] * moment_g[ib[blk]])
-
-        def evaluate(index, n, sa=sa, sb=sb, c=c, r=r):
-            return _pair_sum(f, g, sa[index], sb[index], c[index], r[index], n)
-
-        values[blk], errs = _adaptive(evaluate, scale, levels, tol)
+        values[blk], errs = pair_expectations(f, g, dvals[ia[blk]], dvals[ib[blk]], us[blk], nodes, tol=tol,
+                                              kinks=kinks, moments=(moment_f[ia[blk]], moment_g[ib[blk]]))
         err = max(err, float(errs.max()))
     out = np.empty(flat.shape)
     for k in range(flat.shape[0]):  # loop over batch elements only
@@ -298,21 +646,16 @@ def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL):
     return out.reshape(batch + (n_tok, n_tok)), err
 
 
-def gauss_hermite_mean(f, diag, nodes=None, *, tol: float = DEFAULT_TOL):
-    """``mean[..., i] = E[f(u_i)]``, ``u_i ~ N(0, diag[..., i])``, by 1-D Gauss–Hermite quadrature.
+def gauss_hermite_mean(f, diag, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None):
+    """``mean[..., i] = E[f(u_i)]``, ``u_i ~ N(0, diag[..., i])``; returns ``(mean, err)``.
 
-    ``nodes`` and ``tol`` as in :func:`gauss_hermite_kernel`. Returns ``(mean, err)``.
+    ``nodes``, ``tol`` and ``kinks`` as in :func:`gauss_hermite_kernel` (1-D rules).
     """
     d = np.asarray(diag, dtype=np.float64)
-    levels = _levels(nodes)
+    check_kinks(kinks)
+    _levels(nodes)
     if d.size == 0:
         return np.zeros(d.shape), 0.0
     values_in, inverse = np.unique(np.clip(d, 0.0, None).ravel(), return_inverse=True)
-    sa = np.sqrt(values_in)
-    scale = np.sqrt(_second_moment(f, values_in))
-
-    def evaluate(index, n):
-        return _single_sum(f, sa[index], n)
-
-    values, errs = _adaptive(evaluate, scale, levels, tol)
+    values, errs = single_expectations(f, values_in, nodes, tol=tol, kinks=kinks)
     return values[inverse.ravel()].reshape(d.shape), float(errs.max())

@@ -16,7 +16,6 @@ Finite width: ``γ(φ(αX + β) + δ)``, pulled back by ``γα φ'(αX + β) ⊙
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..errors import NotSupportedError, SpecError
 from ..kernel import activations
+from ..kernel.quadrature import check_kinks
 from ..kernel.state import UNKNOWN
 from .base import Layer, Param, num, register_layer, resolved
 
@@ -53,6 +53,8 @@ class Activation(Layer):
     input_shift: Param = num(0.0, "real", "β: input shift, φ(α·x + β) (DKS/TAT's β)")
     offset: Param = num(0.0, "real", "δ: output offset, added to φ(α·x + β) before γ (DKS/TAT's δ)")
     derivative: Callable | None = None
+    kinks: tuple | None = field(default=None, metadata={
+        "doc": "points where φ or φ' is not smooth, for a callable (the quadrature splits there)"})
     kind = "activation"
 
     def __post_init__(self):
@@ -60,6 +62,8 @@ class Activation(Layer):
         if not callable(self.name):
             activations.check_activation(self.name, dict(self.params))
         object.__setattr__(self, "params", dict(self.params))
+        if self.kinks is not None:
+            object.__setattr__(self, "kinks", check_kinks(self.kinks))
 
     @property
     def label(self) -> str:
@@ -112,10 +116,10 @@ class Activation(Layer):
         if b == 0.0:
             sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
             return activations.activation_kernel(self.name, sig, self.params, nodes=nodes,
-                                                 **_kinks_keyword(activations.activation_kernel, self._own_kinks()))
+                                                 kinks=self._own_kinks() or None)
         phi = self.pointwise()
         return activations.activation_kernel(lambda x: phi(a * x + b), sigma, nodes=nodes,
-                                             **_kinks_keyword(activations.activation_kernel, self._moved_kinks()))
+                                             kinks=self._moved_kinks() or None)
 
     def inner_derivative_kernel(self, sigma, nodes=None):
         """``(K', m', err)``: ``K'_ij = E[φ'(αu_i + β) φ'(αu_j + β)]`` (without the factor γ²α²)."""
@@ -124,12 +128,12 @@ class Activation(Layer):
             sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
             return activations.derivative_kernel(self.name, sig, self.params, derivative=self.derivative,
                                                  nodes=nodes,
-                                                 **_kinks_keyword(activations.derivative_kernel, self._own_kinks()))
+                                                 kinks=self._own_kinks() or None)
         phi = self.pointwise()
         dphi = None if (callable(self.name) and self.derivative is None) else self.derivative_fn()
         shifted = None if dphi is None else (lambda x: dphi(a * x + b))
         return activations.derivative_kernel(lambda x: phi(a * x + b), sigma, derivative=shifted, nodes=nodes,
-                                             **_kinks_keyword(activations.derivative_kernel, self._moved_kinks()))
+                                             kinks=self._moved_kinks() or None)
 
     def _own_kinks(self) -> tuple[float, ...]:
         """A callable's declared kinks, for the ``β = 0`` path (on ``α²Σ`` they stay in φ's argument); a
@@ -238,21 +242,8 @@ class Activation(Layer):
         return out.replace(ntk=c * (s.ntk * kp), ntk_error=c * (kmax * s.ntk_error + big * err)), back
 
 
-_KINKS: dict[str, tuple[float, ...]] = {"relu": (0.0,), "leaky_relu": (0.0,), "abs": (0.0,)}
-"""Kinks (points where φ or φ' jumps) of the registered activations, in φ's argument."""
-
 
 def _phi_kinks(layer) -> tuple:
     """φ's kinks: the registry's (``ActivationSpec.kinks`` when it has them) or the layer's ``kinks``."""
-    if callable(layer.name) and not isinstance(layer.name, str):
-        return tuple(getattr(layer, "kinks", None) or ())
-    spec = activations.ACTIVATIONS[layer.name]
-    own = getattr(spec, "kinks", None)
-    return tuple(own) if own else _KINKS.get(layer.name, ())
+    return tuple(activations.kinks_of(layer.name, layer.params, layer.kinks) or ())
 
-
-def _kinks_keyword(fn, kinks) -> dict:
-    """``{"kinks": kinks}`` when ``fn`` takes the ``kinks=`` keyword and there are kinks, else ``{}``."""
-    if not kinks or "kinks" not in inspect.signature(fn).parameters:
-        return {}
-    return {"kinks": tuple(kinks)}

@@ -2,8 +2,8 @@
 
 Kernel map (docs/theory.md §1): ``Σ' = σ_w² Σ + σ_b² 11ᵀ`` (one bias vector shared by all tokens),
 ``m' = 0``; a fresh zero-mean weight matrix makes the output independent of any earlier stream, so a
-branch's dependence on its input becomes zero. Backward: ``Π_x = σ_w² Π_h``; weight-gradient norm per
-model width ``E‖∂L/∂W‖²/d = w_in Σ_ij Σ_ij Π_ij``.
+branch's dependence on its input becomes zero. An error ``e`` of Σ becomes ``σ_w² e`` (§1.3).
+Backward: ``Π_x = σ_w² Π_h``; weight-gradient norm per model width ``E‖∂L/∂W‖²/d = w_in Σ_ij Σ_ij Π_ij``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Dense(Layer):
             w = unit_scale(s.sigma, self.bias_var, f"{ctx.where}.weight_var")
         sigma = w * s.sigma + self.bias_var
         out = s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
-                        width=self.width_factor, head_blocks=False)
+                        width=self.width_factor, head_blocks=False, quad_error=w * s.quad_error)
         path, sig_in, width_in = ctx.path, s.sigma, s.width
 
         def back(pi, grads):

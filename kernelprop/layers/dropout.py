@@ -2,8 +2,9 @@
 
 Kernel map (docs/theory.md §1, Kedia et al. 2024): the diagonal of Σ is divided by ``1 − p``, the
 off-diagonal and the means are unchanged (the mask has mean one and is independent of everything
-else, so cross kernels are unchanged too). Backward: the same on Π. Finite width: Bernoulli masks
-independent per seed, token and feature, scaled by ``1/(1 − p)``.
+else, so cross kernels are unchanged too); an error ``e`` of Σ becomes ``e/(1 − p)`` (§1.3).
+Backward: the same on Π. Finite width: Bernoulli masks independent per seed, token and feature,
+scaled by ``1/(1 − p)``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Dropout(Layer):
         sigma = s.sigma.copy()
         idx = np.diag_indices(s.n)
         sigma[idx] /= 1.0 - self.p
-        out = s.replace(sigma=sigma, gaussian=s.gaussian and self.p == 0)
+        out = s.replace(sigma=sigma, gaussian=s.gaussian and self.p == 0, quad_error=s.quad_error / (1.0 - self.p))
 
         def back(pi, grads):
             out = pi.copy()
