@@ -177,6 +177,31 @@ def _zeros(x, **_):
     return np.zeros_like(x, dtype=np.float64)
 
 
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x):
+    """GPT-2's ``gelu_new``: ``½x(1 + tanh(c(x + 0.044715x³)))``, ``c = sqrt(2/π)`` (Hendrycks & Gimpel 2016)."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + np.tanh(_GELU_TANH_C * (x + 0.044715 * x ** 3)))
+
+
+def _dgelu_tanh(x):
+    x = np.asarray(x, dtype=np.float64)
+    t = np.tanh(_GELU_TANH_C * (x + 0.044715 * x ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_TANH_C * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _d2gelu_tanh(x):
+    x = np.asarray(x, dtype=np.float64)
+    u = _GELU_TANH_C * (x + 0.044715 * x ** 3)
+    du = _GELU_TANH_C * (1.0 + 3 * 0.044715 * x * x)
+    d2u = _GELU_TANH_C * 6 * 0.044715 * x
+    t = np.tanh(u)
+    sech2 = 1.0 - t * t
+    return sech2 * du + 0.5 * x * (sech2 * d2u - 2.0 * t * sech2 * du * du)
+
+
 def _d2erf_a(x, a=1.0):
     return (-4.0 * a ** 3 / math.sqrt(math.pi)) * x * np.exp(-(a * x) ** 2)
 
@@ -383,6 +408,9 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
     "gelu": ActivationSpec(
         "gelu", _gelu, _dgelu, {}, kernel=_gelu_kernel, mean=_gelu_mean, dkernel=None,
         dmean=_half, doc="exact GELU xΦ(x) (Tsuchida et al. 2021)", d2phi=_d2gelu),
+    "gelu_tanh": ActivationSpec(
+        "gelu_tanh", _gelu_tanh, _dgelu_tanh, {}, doc="tanh-approximate GELU (GPT-2's gelu_new, PyTorch "
+        "approximate=\"tanh\"), by quadrature", d2phi=_d2gelu_tanh),
     "tanh": ActivationSpec(
         "tanh", _tanh, _dtanh, {}, kernel=None, mean=_zero_mean, doc="tanh(x), by quadrature", d2phi=_d2tanh),
     "silu": ActivationSpec(
