@@ -245,6 +245,10 @@ def test_torch_encoder_examples_fresh_and_cloned():
     fresh = tomllib.loads((EXAMPLES / "torch_encoder.toml").read_text())
     cloned = tomllib.loads((EXAMPLES / "torch_encoder_cloned.toml").read_text())
     assert cloned.pop("shared_weights") is True and "shared_weights" not in fresh
+    # the same network, except that the shared-weights engine takes the zero-query limit of the scores
+    (cattn,) = cloned["block"][0]["layers"]
+    assert cattn.pop("scores") == "uniform"
+    cattn.update(scores="standard", qk_var=0.25)
     assert {k: v for k, v in cloned.items() if k not in ("name", "description")} == \
         {k: v for k, v in fresh.items() if k not in ("name", "description")}
     (attn,) = fresh["block"][0]["layers"]
@@ -255,7 +259,7 @@ def test_torch_encoder_examples_fresh_and_cloned():
     spec = kp.loads((EXAMPLES / "torch_encoder.toml").read_text(), depth=2)
     traj = kp.propagate(spec.network, spec.inputs)
     assert traj["q_mean"][-1] == pytest.approx(1.0, rel=1e-4)          # Post-LN: unit norm after each block
-    load_or_skip(cloned | {"shared_weights": True}, depth=2)
+    load_or_skip(tomllib.loads((EXAMPLES / "torch_encoder_cloned.toml").read_text()), depth=2)
 
 
 @pytest.mark.parametrize("example", ["gpt2", "llama", "bert", "torch_encoder", "torch_encoder_cloned"])
