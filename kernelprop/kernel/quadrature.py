@@ -564,11 +564,10 @@ def pair_expectations(f, g, a, b, s, nodes=None, *, tol: float = DEFAULT_TOL, ki
     c = np.where(r == 0, np.sign(c), c)
     scale = np.sqrt(moments[0] * moments[1])
     floor = np.maximum(scale, np.finfo(np.float64).tiny)
-    if nodes is None:
-        cuts = _fallback_kinks(f, g, sa, sb) if declared is None else declared
-        if cuts:
-            values, errs = _split_pairs(f, g, sa, sb, c, r, cuts, tol * floor)
-            return values, errs + _TAIL * scale
+    cuts = declared if declared is not None else _fallback_kinks(f, g, sa, sb) if nodes is None else ()
+    if cuts:  # declared kinks always, found ones with the adaptive rule
+        values, errs = _split_pairs(f, g, sa, sb, c, r, cuts, tol * floor)
+        return values, errs + _TAIL * scale
 
     def evaluate(index, n):
         return _pair_sum(f, g, sa[index], sb[index], c[index], r[index], n)
@@ -599,11 +598,10 @@ def single_expectations(f, a, nodes=None, *, tol: float = DEFAULT_TOL, kinks=Non
     sa = np.sqrt(a)
     scale = np.sqrt(_second_moment(f, a))
     floor = np.maximum(scale, np.finfo(np.float64).tiny)
-    if nodes is None:
-        cuts = _fallback_kinks(f, f, sa, sa) if declared is None else declared
-        if cuts:
-            values, errs = _split_single(f, sa, cuts, tol * floor)
-            return values, errs + _TAIL * scale
+    cuts = declared if declared is not None else _fallback_kinks(f, f, sa, sa) if nodes is None else ()
+    if cuts:
+        values, errs = _split_single(f, sa, cuts, tol * floor)
+        return values, errs + _TAIL * scale
 
     def evaluate(index, n):
         return _single_sum(f, sa[index], n)
