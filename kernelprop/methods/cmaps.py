@@ -37,9 +37,9 @@ from ..network.layers import walk
 
 __all__ = ["Slopes", "c_map", "q_map", "c_map_slope", "c_map_derivatives", "network_c_map", "tat_leaky_relu"]
 
-_EPS = np.finfo(np.float64).eps
+_EPS = float(np.finfo(np.float64).eps)
 _ONE = 1.0 - 16.0 * _EPS  # a cosine at least this is c = 1 (as the engine's maps take it)
-_ROUND = 64.0 * _EPS  # round-off allowance of a jet, relative
+_ROUND = float(64.0 * _EPS)  # round-off allowance of a jet, relative
 
 
 def _block(block) -> L.Serial:

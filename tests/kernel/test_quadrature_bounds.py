@@ -188,3 +188,14 @@ def test_activation_layer_passes_kinks_on():
     pi = back(np.ones((2, 2)), [])
     Kd, _, _ = activation_kernel(dh, S, kinks=h.kinks)
     np.testing.assert_array_equal(pi, Kd)
+
+
+def test_declared_kinks_take_the_split_rule_whatever_the_nodes(references):
+    """``nodes=`` chooses a Gauss–Hermite rule; a function with declared kinks is split regardless."""
+    h = BY_NAME["elu-dks"]
+    S = np.array([[1.0, 0.5], [0.5, 1.0]])
+    K, err = quad.gauss_hermite_kernel(h, h, S, 16, kinks=h.kinks)
+    ref = references(h, "K", (1.0, 1.0, 0.5))[0]
+    assert abs(K[0, 1] - ref) <= err < 1e-11
+    K16, err16 = quad.gauss_hermite_kernel(h, h, S, 16)  # undeclared with a fixed rule: plain Gauss–Hermite
+    assert abs(K16[0, 1] - ref) > 1e-6 and err16 > 1e-6
