@@ -97,8 +97,9 @@ def reference() -> str:
         "scaling (a model initialised with normal(0, 0.02) at d = 768 has (0.02²·768)² = 0.0944; "
         "docs/inits.md, docs/montecarlo.md).",
         "",
-        "Activation names: see `kernelprop.kernel.activations.ACTIVATIONS`; parameters: `leaky_relu` "
-        "takes `slope`, `erf` takes `a`.",
+        "Activation names: " + ", ".join(f"`{n}`" + (" (" + ", ".join(f"`{k}` = {v:g}" for k, v in a.params.items())
+                                                    + ")" if a.params else "")
+                                      for n, a in _activations().items()) + ".",
         "",
         "### `residual`",
         "",
@@ -123,3 +124,8 @@ def reference() -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _activations():
+    from ..kernel.activations import ACTIVATIONS
+    return ACTIVATIONS
