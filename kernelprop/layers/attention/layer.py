@@ -62,7 +62,8 @@ class Attention(Layer):
     scores: str = choice("uniform", ("uniform", "tied", "standard"), "attention-score limit")
     causal: bool = False
     bias: Any = None
-    qk_var: Param = num(1.0, "nonneg", "σ_qk²: score scale for tied scores")
+    qk_var: Param = num(1.0, "nonneg", "σ_qk²: score scale (the query weights' variance; under qk_norm the "
+                        "query norm's gain²)")
     value_var: Param = num(1.0, "nonneg", "σ_v²")
     out_var: Param = num(1.0, "nonneg", "σ_o², or \"unit\" (the σ_o² that gives the output unit mean variance, "
                          "docs/theory.md §5)", unit=True)
