@@ -313,11 +313,14 @@ def score_sampler(layer, kq: np.ndarray, segments, seed=(0,), cache: dict | None
         return lambda: scale * factor @ rng.standard_normal((n, n)) @ factor.T
     longest = max(segments)
     pos = rope.positions(segments)
-    lag = rope.lag_factor(layer, longest, cache)[pos[None, :] - pos[:, None] + longest - 1]   # (N, N, r)
+    g = rope.lag_factor(layer, longest, cache)
+    lag = pos[None, :] - pos[:, None] + longest - 1           # row of G for every pair (i, j)
 
-    def draw():
-        z = factor @ rng.standard_normal((lag.shape[-1], n, n)) @ factor.T
-        return scale * np.einsum("ijm,mij->ij", lag, z)
+    def draw():            # one N×N field at a time: O(N²) memory, O(r N³) time for r ≤ 2T − 1 fields
+        out = np.zeros((n, n))
+        for m in range(g.shape[1]):
+            out += g[lag, m] * (factor @ rng.standard_normal((n, n)) @ factor.T)
+        return scale * out
     return draw
 
 
