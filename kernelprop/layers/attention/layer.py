@@ -1,27 +1,29 @@
 """Multi-head self-attention ``concat_h(M_h X W_V,h) W_O``: description and every rule.
 
 Kernel map (docs/theory.md §1-2): ``Σ' = σ_v² σ_o² (1/H) Σ_h M_h Σ M_hᵀ`` with the mixing ``M_h`` of
-:mod:`.matrices` (zero-score, tied 1/d or standard 1/sqrt(d_k) scores; Value-SkipInit, shaped; SPA;
-or identity attention ``A = S``). Backward: ``Π_X = σ_v²σ_o² (1/H) Σ_h M_hᵀ Π M_h`` plus, for standard
-scores, the O(1) path through the scores (docs/theory.md §11). Finite width: the real per-head
-computation with random weights, and its exact transpose.
+:mod:`.matrices` (zero-score, tied 1/d or standard 1/sqrt(d_k) scores, with RoPE (:mod:`.rope`) and QK-norm;
+Value-SkipInit, shaped; SPA; or identity attention ``A = S``), plus the value and output biases.
+Backward: ``Π_X = σ_v²σ_o² (1/H) Σ_h M_hᵀ Π M_h`` plus, for standard scores, the O(1) path through the
+scores (docs/theory.md §11). Finite width: the real per-head computation with random weights (rotated,
+normalised queries and keys), and its exact transpose.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ...errors import NotSupportedError, SpecError
+from ...errors import NotSupportedError, NumericalError, SpecError
 from ...inputs import segment_slices
 from ...kernel.state import ZERO, Dependence
 from ..base import Layer, Param, choice, num, register_layer, resolved, unit_scale
 from ..composite import axpy
 from . import matrices as MX
+from . import rope
 
 
 @register_layer
@@ -47,13 +49,21 @@ class Attention(Layer):
     weight-free (SAS). ``spa = "e-spa" | "u-spa"`` replaces the zero-score matrix by the
     signal-preserving matrix ``A_l = D_l softmax(B_l + M)`` of step ``spa_step`` of a schedule of
     ``spa_layers`` steps (He et al. 2023, see :mod:`kernelprop.methods.spa`).
+
+    ``rope_theta`` rotates queries and keys by position (RoPE, Su et al. 2021): tied logits become
+    ``σ_qk² Σ_ij ρ(j − i)``, standard scores get ``Cov(S_ij, S_kl) = σ_qk² Σ_ik Σ_jl ρ((j−i) − (l−k))``, with
+    ``ρ(Δ) = (1 − r) + r·mean_f cos(θ_f Δ)`` over the frequencies of ``rope_dim`` (or their wide-limit integral)
+    and r = ``rope_fraction`` (docs/theory.md §2.4). ``qk_norm`` normalises each head's queries and keys: the
+    scores see ``C = D^{−1/2} Σ D^{−1/2}`` instead of Σ (§2.5). ``value_bias_var``/``out_bias_var`` add biases
+    shared by all tokens: ``σ_o² (1/H) Σ_h M_h (σ_v² Σ + σ_bv² 11ᵀ) M_hᵀ + σ_bo² 11ᵀ`` (§2.6).
     """
 
     heads: int = 1
     scores: str = choice("uniform", ("uniform", "tied", "standard"), "attention-score limit")
     causal: bool = False
     bias: Any = None
-    qk_var: Param = num(1.0, "nonneg", "σ_qk²: score scale for tied scores")
+    qk_var: Param = num(1.0, "nonneg", "σ_qk²: score scale (the query weights' variance; under qk_norm the "
+                        "query norm's gain²)")
     value_var: Param = num(1.0, "nonneg", "σ_v²")
     out_var: Param = num(1.0, "nonneg", "σ_o², or \"unit\" (the σ_o² that gives the output unit mean variance, "
                          "docs/theory.md §5)", unit=True)
@@ -73,6 +83,17 @@ class Attention(Layer):
     spa_layers: Param = num("L", "positive", "length of the SPA schedule (default: the depth L)")
     attention: str = choice("softmax", ("softmax", "identity"),
                             "softmax, or identity attention A = S (no softmax; Hron et al. 2020)")
+    rope_theta: Param = num(None, "positive", "RoPE base θ > 1 (Su et al. 2021; e.g. 10000): queries and keys "
+                            "rotated by position; omitted = no RoPE (docs/theory.md §2.4)")
+    rope_dim: Any = field(default=None, metadata={"doc": "RoPE head dimension D (even): use its finite frequency set "
+                                                  "θ^(−2f/D); omitted = the wide-limit integral over frequencies"})
+    rope_fraction: Param = num(1.0, "positive", "share r ≤ 1 of each head's query/key dims that RoPE rotates "
+                               "(GPT-NeoX rotary_pct); the others see ρ = 1")
+    qk_norm: str = choice("none", ("none", "layernorm", "rmsnorm"),
+                          "normalise each head's queries and keys (gain² σ_qk² on the queries, 1 on the keys; "
+                          "docs/theory.md §2.5)")
+    value_bias_var: Param = num(0.0, "nonneg", "σ_bv²: variance of the value bias (one vector shared by all tokens)")
+    out_bias_var: Param = num(0.0, "nonneg", "σ_bo²: variance of the output-projection bias (shared by all tokens)")
     kind = "attention"
 
     _DEFAULTS = {"softmax": (1.0, 1.0, 0.0), "value_skipinit": (1.0, 0.0, 0.0), "shaped": (1.0, 1.0, 1.0)}
@@ -112,6 +133,7 @@ class Attention(Layer):
                                 "identity attention adds the bias to the scores: it must be finite (use causal = true "
                                 "for a causal mask)")
             object.__setattr__(self, "bias", b)
+        self._check_extensions()
         if self.attention == "identity":
             if self.scores == "standard":
                 raise SpecError("attention.scores", self.scores, "identity attention (attention = \"identity\") "
@@ -119,6 +141,46 @@ class Attention(Layer):
             if self.matrix != "softmax" or self.spa != "none":
                 raise SpecError("attention.attention", self.attention,
                                 "identity attention takes no matrix modification (matrix = \"softmax\") and no spa")
+
+    def _check_extensions(self):
+        """RoPE, QK-norm and the biases: what each needs (docs/theory.md §2.4-2.6)."""
+        def number(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        theta, frac, dim = self.rope_theta, self.rope_fraction, self.rope_dim
+        if theta is not None:
+            if number(theta) and not theta > 1:
+                raise SpecError("attention.rope_theta", theta, "must be > 1 (the base of the rotary frequencies "
+                                "θ^(−2f/d_k), e.g. 10000)")
+            if self.scores == "uniform":
+                raise SpecError("attention.rope_theta", theta, "RoPE rotates queries and keys, but scores = "
+                                "\"uniform\" has zero queries (every score 0): use scores = \"tied\" or \"standard\"")
+        if dim is not None:
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2 or dim % 2:
+                raise SpecError("attention.rope_dim", dim, "must be an even whole number >= 2 (a head dimension), "
+                                "or omitted for the wide-limit integral")
+            if theta is None:
+                raise SpecError("attention.rope_dim", dim, "only applies with rope_theta (RoPE)")
+        if number(frac):
+            if not frac <= 1:
+                raise SpecError("attention.rope_fraction", frac, "must be in (0, 1]: the share of each head's dims "
+                                "that RoPE rotates")
+            if frac != 1 and theta is None:
+                raise SpecError("attention.rope_fraction", frac, "only applies with rope_theta (RoPE)")
+            if dim is not None:
+                rope.check_rotated(int(dim), float(frac), "attention.rope_fraction", f"rope_dim ({dim})")
+        if self.qk_norm != "none":
+            if self.scores == "uniform":
+                raise SpecError("attention.qk_norm", self.qk_norm, "normalises queries and keys, but scores = "
+                                "\"uniform\" has zero queries (nothing to normalise): use scores = \"tied\" or "
+                                "\"standard\"")
+            if number(self.qk_var) and self.qk_var == 0:
+                raise SpecError("attention.qk_var", self.qk_var, "is the query norm's gain² under qk_norm; 0 makes "
+                                "every score 0: use scores = \"uniform\" for that")
+        for name, needs, what in (("value_bias_var", "values", "value weights"),
+                                  ("out_bias_var", "projection", "an output projection")):
+            v = getattr(self, name)
+            if getattr(self, needs) != "dense" and not (number(v) and v == 0):
+                raise SpecError(f"attention.{name}", v, f"is the bias of {what}: it needs {needs} = \"dense\"")
 
     @property
     def weight_free(self) -> bool:
@@ -130,7 +192,9 @@ class Attention(Layer):
         used = {"alpha": modified, "beta": modified,
                 "gamma": self.matrix == "shaped", "qk_var": self.scores != "uniform",
                 "alibi_scale": isinstance(self.bias, str), "value_var": self.values == "dense",
-                "out_var": self.projection == "dense"}
+                "out_var": self.projection == "dense", "value_bias_var": self.values == "dense",
+                "out_bias_var": self.projection == "dense", "rope_theta": self.rope_theta is not None,
+                "rope_fraction": self.rope_theta is not None}
         return tuple(name for name in super().kernel_fields()
                      if used.get(name, True) and (self.spa != "none" or not name.startswith("spa_")))
 
@@ -139,7 +203,7 @@ class Attention(Layer):
 
     def mixings(self, sigma, segments, ctx) -> list:
         """``[(weight, M_h)]`` for this layer on kernel ``sigma`` (random scores seeded by ``ctx``)."""
-        return MX.head_mixings(self, sigma, segments, ctx.cache, seed=ctx.next_seed())
+        return MX.head_mixings(self, sigma, segments, ctx.cache, seed=ctx.next_seed(), where=ctx.where)
 
     def kernel_map(self, s, ctx):
         heads = self.mixings(s.sigma, s.segments, ctx)
@@ -151,6 +215,7 @@ class Attention(Layer):
                 "which the averaged kernel cannot describe; put a Dense layer or attention with value weights in "
                 "between, or give every head the same bias")
         err = 0.0
+        bv = self.value_bias_var if self.values == "dense" else 0.0
         if self.scores == "standard":   # Monte Carlo over the scores: mean and its standard error
             draws = np.stack([m.kernel(s.sigma) for _, m in heads])
             weights = np.array([w for w, _ in heads])
@@ -163,7 +228,8 @@ class Attention(Layer):
                 sigma *= heads[0][0]
             for w, m in heads[1:]:
                 sigma = axpy(sigma, w, m.kernel(s.sigma))
-        back = self._backward(heads, s.sigma, s.segments, ctx.path)
+        ones = _ones_mixed(heads, s.n) if bv else None       # (1/H) Σ_h (M_h 1)(M_h 1)ᵀ
+        back = self._backward(heads, s.sigma, s.segments, ctx)
         if self.weight_free:
             mean = sum(w * m.left(s.mean[:, None])[:, 0] for w, m in heads)
             dep = s.dep
@@ -175,47 +241,73 @@ class Attention(Layer):
                 dep = Dependence("dense", p, headwise=dep.headwise or len(heads) > 1)
             return s.replace(sigma=sigma, mean=mean, dep=dep, quad_error=s.quad_error + err,
                              head_blocks=s.head_blocks or distinct), back
+        sv = self.value_var if self.values == "dense" else 1.0
         layer = self
         if self.projection == "dense" and self.is_unit("out_var"):     # σ_o² chosen from this layer's output
-            c = unit_scale(sigma * (self.value_var if self.values == "dense" else 1.0), 0.0, f"{ctx.where}.out_var")
+            values = sigma * sv if ones is None else sigma * sv + bv * ones
+            c = unit_scale(values, self.out_bias_var, f"{ctx.where}.out_var")
             layer = dataclasses.replace(self, out_var=c)
-            back = layer._backward(heads, s.sigma, s.segments, ctx.path)
-        scale = (layer.value_var if layer.values == "dense" else 1.0) * \
-                (layer.out_var if layer.projection == "dense" else 1.0)
+            back = layer._backward(heads, s.sigma, s.segments, ctx)
+        so = layer.out_var if layer.projection == "dense" else 1.0
+        scale = sv * so
         if scale != 1.0:
             sigma *= scale
+        if ones is not None:      # value bias: V = X W_V + 1 b_Vᵀ has kernel σ_v² Σ + σ_bv² 11ᵀ
+            sigma += (so * bv) * ones
+        if layer.projection == "dense" and layer.out_bias_var:
+            sigma += layer.out_bias_var
         return s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
                          width=1.0, quad_error=scale * (s.quad_error + err), head_blocks=False), back
 
-    def _backward(self, heads, sigma, segments, path):
+    def score_options(self, sigma, segments, cache=None, where="attention") -> dict:
+        """What the score path of the backward rule needs besides the mixings: the key/query kernel (Σ, or C
+        under QK-norm), the per-token rescaling ``1/√Σ_ii`` of QK-norm, and RoPE's cosine expansion of ρ with
+        the token positions (docs/theory.md §2.4, §2.5, §11)."""
+        opts: dict[str, Any] = {"keys": MX.score_kernel(self, sigma, where) if self.scores != "uniform" else sigma}
+        if self.qk_norm != "none" and self.scores != "uniform":
+            opts["rescale"] = 1.0 / np.sqrt(np.diag(sigma))
+        if self.rope_theta is not None:
+            c, w = rope.spectrum(self, max(segments), cache)
+            opts["rope"] = (c, w, rope.positions(segments))
+        return opts
+
+    def _backward(self, heads, sigma, segments, ctx):
         """The backward rule over the forward's own mixings (docs/theory.md §11).
 
         ``Π_X = σ_v²σ_o² (1/H) Σ_h A_hᵀ Π A_h`` (+ the score path for standard scores); parameter-gradient
         norms of values, output projection and queries (softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ``).
+        Biases add to the forward only: the backward through them is the identity and their own gradient
+        norms are not reported.
         """
+        path, cache, where = ctx.path, ctx.cache, ctx.where
+
         def back(pi, grads):
             out = sum(w * m.kernel_t(pi) for w, m in heads)
+            opts = self.score_options(sigma, segments, cache, where)
             if self.weight_free:   # y = M x: no weights of its own, but 1/sqrt(d_k) scores still send O(1) back
                 if self.scores == "standard" and self.attention == "softmax":
-                    out = out + self.qk_var * score_terms(heads, sigma, pi, True, segments=segments)[1]
+                    out = out + self.qk_var * score_terms(heads, sigma, pi, True, segments=segments, **opts)[1]
                 return out
             sv = self.value_var if self.values == "dense" else 1.0
             so = self.out_var if self.projection == "dense" else 1.0
+            bv = self.value_bias_var if self.values == "dense" else 0.0
             mixed = sum(w * float(np.vdot(m.kernel(sigma), pi)) for w, m in heads)    # ⟨AΣAᵀ, Π⟩, head-averaged
             if self.values == "dense":
                 grads.append((path, "values", so * mixed))
-            if self.projection == "dense":
-                grads.append((path, "output", sv * mixed))
+            if self.projection == "dense":     # ⟨(1/H) Σ_h M_h (σ_v²Σ + σ_bv² 11ᵀ) M_hᵀ, Π⟩
+                extra = bv * float(np.vdot(_ones_mixed(heads, len(sigma)), pi)) if bv else 0.0
+                grads.append((path, "output", sv * mixed + extra))
             standard = self.scores == "standard"
+            kv = sv * sigma + bv if bv else (sv * sigma if sv != 1.0 else sigma)     # the values' kernel
             if self.attention == "identity":
-                q, score_pi = _identity_score_term(sigma, pi, segments, self.causal), None
+                q, score_pi = _identity_score_term(kv, pi, segments, self.causal, **opts), None
             else:
-                q, score_pi = score_terms(heads, sigma, pi, standard, spa=self.spa != "none", segments=segments)
+                q, score_pi = score_terms(heads, kv, pi, standard, spa=self.spa != "none", segments=segments, **opts)
             # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
-            grads.append((path, "queries", (1.0 if standard else self.qk_var) * sv * so * q))
+            grads.append((path, "queries", (1.0 if standard else self.qk_var) * so * q))
             out = (sv * so) * out
             if standard:
-                out = out + (self.qk_var * sv * so) * score_pi
+                out = out + (self.qk_var * so) * score_pi
             return out
         return back
 
@@ -251,14 +343,26 @@ class Attention(Layer):
             return np.matmul(inp, wt), wt
 
         v, wv = (x, None) if self.values == "identity" else linear(x, w, self.value_var)
+        if self.values == "dense" and self.value_bias_var:     # one bias vector shared by all tokens
+            v = v + ctx.normal((1, w)) * math.sqrt(self.value_bias_var)
         uses_a = self.beta != 0
-        q = k = wq = wk = None
+        q = k = wq = wk = qs = ks = qnorm = knorm = rot = None
         dk = self.key_dim(w)
         scale = 1.0
         if uses_a and mode != "uniform":
             q, wq = linear(x, h * dk, self.qk_var)
             k, wk = (q, None) if mode == "tied" else linear(x, h * dk, 1.0)
             scale = 1.0 / (math.sqrt(dk) if mode == "standard" else dk)
+            qs, ks = q, k         # what the scores see: normalised (gain² σ_qk² on the queries), then rotated
+            if self.qk_norm != "none":
+                qs, qnorm = _qk_normalise(q, h, self.qk_norm, math.sqrt(self.qk_var), ctx.where)
+                ks, knorm = (qs, qnorm) if k is q else _qk_normalise(k, h, self.qk_norm, 1.0, ctx.where)
+            if self.rope_theta is not None:
+                n_rot, omegas = rope.mc_frequencies(self, dk, ctx.where)
+                rot = (rope.positions(ctx.segments), omegas, n_rot)
+                tied_keys = ks is qs
+                qs = rope.rotate(qs, *rot, h)
+                ks = qs if tied_keys else rope.rotate(ks, *rot, h)
         out = np.empty_like(v)
         segs = []
         for sl, t in zip(segment_slices(ctx.segments), ctx.segments):
@@ -273,8 +377,8 @@ class Attention(Layer):
                     if mode == "uniform":
                         logits = np.zeros((1, 1, t, t))
                     else:
-                        qh = _heads(q[:, sl], b, t, h)
-                        kh = qh if k is q else _heads(k[:, sl], b, t, h)
+                        qh = _heads(qs[:, sl], b, t, h)
+                        kh = qh if ks is qs else _heads(ks[:, sl], b, t, h)
                         logits = np.matmul(qh, np.swapaxes(kh, -1, -2)) * scale
                     if self.attention == "identity":
                         a = np.where(np.isfinite(offsets), logits + np.where(np.isfinite(offsets), offsets, 0.0), 0.0)
@@ -288,10 +392,16 @@ class Attention(Layer):
             segs.append((sl, t, vh, a, c, offsets))
         unit = self.projection == "dense" and self.is_unit("out_var")
         y, wo = (out, None) if self.projection == "identity" else linear(out, w, 1.0 if unit else self.out_var)
+        bo = self.out_bias_var if self.projection == "dense" else 0.0
         if unit:            # σ_o² from the output at hand; the pullback sees the realised c·W_O
-            c = np.sqrt(1.0 / np.maximum(np.mean(y * y, axis=(1, 2), keepdims=True), np.finfo(float).tiny))
+            if bo >= 1.0:
+                raise SpecError(f"{ctx.where}.out_var", "unit", f"needs the added variance (here out_bias_var = "
+                                f"{bo:g}) below 1: the output's mean variance cannot be brought to 1")
+            c = np.sqrt((1.0 - bo) / np.maximum(np.mean(y * y, axis=(1, 2), keepdims=True), np.finfo(float).tiny))
             y = y * c
             wo = None if wo is None else wo * c
+        if bo:
+            y = y + ctx.normal((1, w)) * math.sqrt(bo)
         if not tape:
             return y, None
         # query-gradient norms in the engine's convention (montecarlo.backward docstring)
@@ -299,9 +409,10 @@ class Attention(Layer):
         want_q = bctx is not None and not self.weight_free and ctx.scores is None
         keys = None
         if want_q and uses_a:
-            keys = k if mode != "uniform" else S.project(bctx, x, h * dk, self.qk_var)   # virtual keys at W_Q = 0
-        data = dict(x=x, v=v, out=out, wv=wv, wo=wo, wq=wq, wk=wk, q=q, k=k, mode=mode, scale=scale, dk=dk,
-                    segs=segs, want_q=want_q, keys=keys, path=ctx.path, d=ctx.width)
+            keys = ks if mode != "uniform" else S.project(bctx, x, h * dk, self.qk_var)  # virtual keys at W_Q = 0
+        data = dict(x=x, v=v, out=out, wv=wv, wo=wo, wq=wq, wk=wk, q=qs, k=ks, mode=mode, scale=scale, dk=dk,
+                    segs=segs, want_q=want_q, keys=keys, path=ctx.path, d=ctx.width, qnorm=qnorm, knorm=knorm,
+                    rot=rot)
 
         def pull(g, grads):
             return self._pullback(data, g, grads)
@@ -373,7 +484,13 @@ class Attention(Layer):
                     gk[:, sl] = _unheads(np.matmul(np.swapaxes(ds, -1, -2) * scale, qh), b, t)
             if qrows is not None:
                 qrows[:, :, sl] = np.matmul(ds, _heads(D["keys"][:, sl], b, t, h))
+        if gq is not None:     # from the vectors the scores saw back to X W_Q, X W_K: rotation, then norm
+            gq = self._to_projection(gq, D["rot"], D["qnorm"])
+            if gk is not None:
+                gk = self._to_projection(gk, D["rot"], D["knorm"])
         if qrows is not None:
+            if mode != "uniform" and (D["rot"] is not None or D["qnorm"] is not None):
+                qrows = _heads(self._to_projection(_unheads(qrows, b, n), D["rot"], D["qnorm"]), b, n, h)
             rr = np.einsum("bhik,bhjk->bij", qrows, qrows)                      # Σ_h (dS K)(dS K)ᵀ
             xx = np.matmul(D["x"], np.swapaxes(D["x"], -1, -2))
             grads.append((path, "queries", np.einsum("bij,bij->b", xx, rr) / (D["dk"] * d)))
@@ -389,6 +506,15 @@ class Attention(Layer):
         if gk is not None:
             gx = gx + np.matmul(gk, np.swapaxes(D["wk"], -1, -2))
         return gx
+
+    def _to_projection(self, g, rot, norm):
+        """Pull a gradient on the scored (normalised, rotated) queries or keys back to ``X W``: the inverse
+        rotation (RoPE's transpose), then the exact QK-norm Jacobian."""
+        if rot is not None:
+            g = rope.rotate(g, *rot, self.heads, inverse=True)
+        if norm is not None:
+            g = _qk_norm_pull(g, norm, self.heads, self.qk_norm)
+        return g
 
     def plan(self, width, where, plan):
         h = self.heads
@@ -410,6 +536,8 @@ class Attention(Layer):
             if mode != "tied":
                 plan.add_weight(width, h * dk, init)
             plan.flops += sum(t * t * dk * h for t in segments)
+            if self.rope_theta is not None:
+                rope.mc_frequencies(self, dk, where)     # d_k fits the rotary pairs (spec errors up front)
         plan.flops += 2 * sum(t * t * (width // h) * h for t in segments)
         t_max = max(segments)
         plan.max_scores = max(plan.max_scores, h * t_max * t_max)
@@ -438,6 +566,7 @@ class Attention(Layer):
                                     "(methods.spa); they have no symbolic map")
         heads = self._symbolic_mixings(s, ctx)
         sigma = total(w * (m @ s.sigma @ m.t) for w, m in heads)
+        fam = ctx.fam
         if self.weight_free:
             mean = total(m @ s.mean * w for w, m in heads)
             dep = s.dep
@@ -448,10 +577,41 @@ class Attention(Layer):
                 p = total(w * (m @ dep.p) for w, m in heads)
                 dep = Dep("matrix", p, headwise=dep.headwise or len(heads) > 1)
             return s.replace(sigma=sigma, mean=mean, dep=dep)
-        scale = (ctx.value(self, "value_var") if self.values == "dense" else 1) * \
-                (ctx.value(self, "out_var") if self.projection == "dense" else 1)
-        return s.replace(sigma=sigma * scale, mean=ctx.fam.vector(0), gaussian=True,
-                         dep=None if s.dep is None else SZERO)
+        sv = ctx.value(self, "value_var") if self.values == "dense" else 1
+        so = ctx.value(self, "out_var") if self.projection == "dense" else 1
+        sigma = sigma * (sv * so)
+        if self.values == "dense" and self.value_bias_var != 0:     # M (σ_bv² 11ᵀ) Mᵀ, head-averaged
+            ones = total(w * (m @ fam.ones() @ m.t) for w, m in heads)
+            sigma = sigma + ones * (ctx.value(self, "value_bias_var") * so)
+        if self.projection == "dense" and self.out_bias_var != 0:
+            sigma = sigma + fam.ones() * ctx.value(self, "out_bias_var")
+        return s.replace(sigma=sigma, mean=fam.vector(0), gaussian=True, dep=None if s.dep is None else SZERO)
+
+    def _symbolic_score_kernel(self, s, ctx):
+        """The kernel in the logits: Σ, or C under QK-norm; times ``ρ(j − i)`` (numeric) under RoPE."""
+        import sympy as sp
+        fam = ctx.fam
+        k = s.sigma
+        if self.qk_norm != "none":
+            k = k.scale_both(k.diag().map(lambda v: 1 / sp.sqrt(v)))
+        if self.rope_theta is None:
+            return k
+        if fam.mode != "explicit":
+            raise NotSupportedError(f"{ctx.where}: RoPE makes the logits depend on the offset j − i, which breaks "
+                                    "equicorrelation; use the explicit mode (mode=\"explicit\", CLI --explicit T)")
+        values = {}
+        for name in ("rope_theta", "rope_fraction"):
+            v = ctx.value(self, name)
+            if not getattr(v, "is_number", False):
+                raise NotSupportedError(f"{ctx.where}: RoPE's ρ(Δ) is evaluated numerically; {name} must be a "
+                                        f"number here, not {v}")
+            values[name] = float(v)
+        from ...symbolic.algebra import ExMatrix
+        probe = dataclasses.replace(self, **values)
+        pos = rope.positions(fam.segments)
+        r = rope.layer_rho(probe, pos[None, :] - pos[:, None])
+        n = len(pos)
+        return ExMatrix(sp.Matrix(n, n, lambda i, j: k.m[i, j] * sp.Float(float(r[i, j]), 17)))
 
     def _symbolic_mixings(self, s, ctx):
         """``[(weight, M_h)]``: the zero-score, tied or identity matrix, then Value-SkipInit / shaped."""
@@ -460,13 +620,14 @@ class Attention(Layer):
         for weight, bias in fam.heads(self, ctx.value(self, "alibi_scale")):
             if self.attention == "identity":
                 qk = ctx.value(self, "qk_var") if self.scores == "tied" else 0
-                out.append((weight, fam.linear(self, s.sigma, ctx.where, bias, qk)))
+                k = self._symbolic_score_kernel(s, ctx) if self.scores == "tied" else s.sigma
+                out.append((weight, fam.linear(self, k, ctx.where, bias, qk)))
                 continue
             c = fam.zero_score(self, ctx.where, bias) if self.scores == "uniform" or self.matrix == "shaped" else None
             if self.scores == "uniform":
                 a = c
-            else:  # tied 1/d scores σ_qk² Σ (Hron et al. 2020)
-                a = fam.tied(self, s.sigma, ctx.where, bias, ctx.value(self, "qk_var"))
+            else:  # tied 1/d scores σ_qk² Σ (Hron et al. 2020); C under QK-norm, ⊙ ρ(j − i) under RoPE
+                a = fam.tied(self, self._symbolic_score_kernel(s, ctx), ctx.where, bias, ctx.value(self, "qk_var"))
             if self.matrix in ("value_skipinit", "shaped"):  # αI + βA (− γC)
                 m = fam.eye() * ctx.value(self, "alpha") + a * ctx.value(self, "beta")
                 if self.matrix == "shaped":
@@ -510,6 +671,34 @@ class Attention(Layer):
         return out.replace(ntk=theta, ntk_error=sv * so * (s.ntk_error + own * s.quad_error)), back
 
 
+def _qk_normalise(x, h, kind, gain, where):
+    """QK-norm per head over its d_k features: ``y = gain · x_c/s``, ``s² = mean(x_c²)`` (ε = 0), x_c centred for
+    LayerNorm; returns y and what the pullback needs."""
+    b, n, width = x.shape
+    z = x.reshape(b, n, h, width // h)
+    if kind == "layernorm":
+        z = z - z.mean(axis=-1, keepdims=True)
+    var = np.mean(z * z, axis=-1, keepdims=True)
+    if not np.all(var > 0):
+        raise NumericalError(where, f"a query or key vector is exactly 0 and qk_norm = \"{kind}\" divides by its "
+                             "norm", "set qk_norm = \"none\", or fix the collapse upstream")
+    inv = 1.0 / np.sqrt(var)
+    xhat = z * inv
+    return (gain * xhat).reshape(b, n, width), (xhat, inv, gain)
+
+
+def _qk_norm_pull(g, stat, h, kind):
+    """Exact transpose Jacobian of :func:`_qk_normalise`: ``P_c (gain/s)(G − x̂ (x̂·G)/d_k)`` per head."""
+    xhat, inv, gain = stat
+    b, n, width = g.shape
+    gz = g.reshape(b, n, h, width // h)
+    gx = gz - xhat * np.mean(xhat * gz, axis=-1, keepdims=True)
+    gx = gx * (gain * inv)
+    if kind == "layernorm":
+        gx = gx - gx.mean(axis=-1, keepdims=True)
+    return gx.reshape(b, n, width)
+
+
 def _head_dependent(layer, heads) -> bool:
     """Whether the heads mix tokens differently for a fixed kernel (per-head biases: ALiBi or an H×T×T
     array). Random standard scores do not count (every head draws from the same law), nor shaped
@@ -551,7 +740,7 @@ def _centred(sigma, segments):
     Every softmax Jacobian ``J_i = diag a_i − a_i a_iᵀ`` annihilates the constant vector on its sequence,
     so ``J_i Σ J_k = J_i (PΣP) J_k`` exactly; the centred form avoids the float64 cancellation of
     ``q²`` against ``q²(1 − ρ)²`` as tokens collapse (ρ → 1)."""
-    out = np.array(sigma, dtype=np.float64)
+    out = np.array(sigma, dtype=np.result_type(sigma, np.float64))
     bounds = np.cumsum((0,) + tuple(segments or (sigma.shape[0],)))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         out[lo:hi] -= out[lo:hi].mean(axis=0, keepdims=True)
@@ -560,45 +749,107 @@ def _centred(sigma, segments):
     return out
 
 
-def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False, segments=None):
+def _ones_mixed(heads, n):
+    """``(1/H) Σ_h (M_h 1)(M_h 1)ᵀ``: what a bias shared by all tokens becomes after the mixing (``11ᵀ`` per
+    pair of sequences for softmax rows, which sum to 1; not for identity, Value-SkipInit or shaped matrices)."""
+    out = np.zeros((n, n))
+    for w, m in heads:
+        r = m.left(np.ones((n, 1)))[:, 0]
+        out += w * np.outer(r, r)
+    return out
+
+
+def _rope_terms(rope_opt, n):
+    """``[(c, u)]`` with ``ρ(δ) = Σ c cos(ω δ)`` and ``u = e^{iω t}`` per token (None for ω = 0)."""
+    if rope_opt is None:
+        return [(1.0, None)]
+    c, w, pos = rope_opt
+    return [(float(cf), None if wf == 0 else np.exp(1j * wf * pos)) for cf, wf in zip(c, w)]
+
+
+def _trace_terms(a, inner, s2, ws, asa):
+    """``T_ik = tr(J_i V J_k S₂)`` for ``J_i = diag a_i − a_i a_iᵀ``, V = ``inner`` (real symmetric, ``ws = aV``,
+    ``asa = aVaᵀ``) and any ``S₂`` (Hermitian under RoPE)."""
+    t1 = a @ (inner * s2.T) @ a.T
+    t2 = (ws * (a @ s2.T)) @ a.T
+    t3 = a @ (ws * (a @ s2)).T
+    return t1 - t2 - t3 + asa * (a @ s2 @ a.T).T
+
+
+def _key_terms(a, inner, w, ws, asa):
+    """``Σ_ik W_ik J_i V J_k`` for any (complex, non-symmetric) W."""
+    k1 = inner * (a.T @ w @ a)
+    k2 = a.T @ (ws * (w @ a))
+    k3 = ((a.T @ w) * ws.T) @ a
+    return k1 - k2 - k3 + a.T @ (w * asa) @ a
+
+
+def score_terms(heads, sigma, pi, with_pi: bool, spa: bool = False, segments=None, *, keys=None, rescale=None,
+                rope=None):
     """Head-averaged terms through the softmax Jacobians ``J_i = diag a_i − a_i a_iᵀ`` (full N×N: a batch's
-    query gradient sums over every token pair, cross-sequence ones included), with ``W = Π ⊙ Σ``:
+    query gradient sums over every token pair, cross-sequence ones included), with V = ``sigma`` the values'
+    kernel, K = ``keys`` the queries'/keys' kernel (default V; C under QK-norm) and ``W = Π ⊙ K``:
 
-    * ``q = (1/H) Σ_h Σ_ik W_ik T_ik``, ``T_ik = tr(J_i Σ J_k Σ)`` — the query-gradient norm per unit key
-      variance;
-    * if ``with_pi``, ``(1/H) Σ_h [Π ⊙ T + Σ_ik W_ik J_i Σ J_k]`` — the gradient kernel that 1/sqrt(d_k)
-      scores send back through queries and keys (O(1/d) for zero or tied 1/d scores). O(N³) per head.
+    * ``q = (1/H) Σ_h Σ_ik W_ik T_ik``, ``T_ik = Σ_jl (J_i V J_k)_jl K_jl ρ((t_j − t_i) − (t_l − t_k))`` (``ρ ≡ 1``
+      without RoPE: ``T_ik = tr(J_i V J_k K)``) — the query-gradient norm per unit key variance;
+    * if ``with_pi``, ``(1/H) Σ_h r r ⊙ [Π ⊙ T + Σ_ik W_ik (J_i V J_k) ⊙ ρ(…)]`` — the gradient kernel that
+      1/sqrt(d_k) scores send back through queries and keys (O(1/d) for zero or tied 1/d scores), with
+      ``r = rescale`` (``1/√Σ_ii`` under QK-norm, else 1). O(N³) per head and RoPE frequency.
 
+    ``rope = (c, ω, t)``: ``ρ(δ) = Σ_n c_n cos(ω_n δ)`` on the offsets met, t the token positions; each term is
+    the ρ ≡ 1 formula with ``K → diag(ū) K diag(u)`` and phases ``ū_i u_k`` (``u = e^{iωt}``).
     SPA (``spa``): ``A = D softmax(B + S)``, so ``dS_i = D_i J(p_i) dA_i`` and ``W_ik`` carries ``D_i D_k``.
-    The Σ between Jacobians is centred per sequence (``segments``; one sequence if None), see :func:`_centred`.
+    The matrices between Jacobians are centred per sequence (``segments``; one sequence if None), see
+    :func:`_centred`.
     """
+    keys = sigma if keys is None else keys
     total, extra = 0.0, (np.zeros_like(pi) if with_pi else None)
     inner = _centred(sigma, segments)
+    terms = _rope_terms(rope, len(sigma))
+    kbs = [(c, u, _centred(keys if u is None else np.conj(u)[:, None] * keys * u[None, :], segments))
+           for c, u in terms]
     for w, m in heads:
         a, weight, d = _softmax_part(m, spa)
         if a is None:
             continue
         ws = a @ inner
         asa = ws @ a.T
-        t = a @ (inner * inner) @ a.T
-        t2 = (ws * ws) @ a.T
-        t = t - t2 - t2.T + asa * asa
-        wpi = pi * sigma if d is None else pi * sigma * np.outer(d, d)
+        wpi = pi * keys if d is None else pi * keys * np.outer(d, d)
+        t = np.zeros_like(pi)
+        k2 = np.zeros_like(pi) if with_pi else None
+        for c, u, kb in kbs:
+            if u is None:
+                t += c * _trace_terms(a, inner, kb, ws, asa)
+                if with_pi:
+                    k2 += c * _key_terms(a, inner, wpi, ws, asa)
+                continue
+            phase = np.conj(u)[:, None] * u[None, :]
+            t += c * np.real(phase * _trace_terms(a, inner, kb, ws, asa))
+            if with_pi:
+                k2 += c * np.real(u[:, None] * _key_terms(a, inner, wpi * phase, ws, asa) * np.conj(u)[None, :])
         total += w * weight * float(np.sum(wpi * t))
         if with_pi:
-            u = ((a.T @ wpi) * ws.T) @ a
-            k2 = inner * (a.T @ wpi @ a) - u - u.T + a.T @ (wpi * asa) @ a
             extra += (w * weight) * (pi * t + k2)
+    if with_pi and rescale is not None:
+        extra *= np.outer(rescale, rescale)
     return total, extra
 
 
-def _identity_score_term(sigma, pi, segments, causal):
-    """The query-gradient norm per unit key variance for identity attention (``J_i`` = the identity on
-    the keys query i sees): ``Σ_ik (Π ⊙ Σ)_ik T_ik`` with ``T = M (Σ ⊙ Σ) Mᵀ``, M the 0/1 mask."""
+def _identity_score_term(sigma, pi, segments, causal, keys=None, rescale=None, rope=None):
+    """The query-gradient norm per unit key variance for identity attention (``J_i`` = the identity on the
+    keys query i sees): ``Σ_ik (Π ⊙ K)_ik T_ik`` with ``T_ik = Σ_jl M_ij M_kl V_jl K_jl ρ(…)`` (M the 0/1 mask,
+    V = ``sigma`` the values' kernel, not centred: no softmax removes constants; K = ``keys``)."""
+    keys = sigma if keys is None else keys
     n = sigma.shape[0]
     mask = np.zeros((n, n))
     for sl in segment_slices(segments):
         t = sl.stop - sl.start
         mask[sl, sl] = np.tril(np.ones((t, t))) if causal else 1.0
-    t = mask @ (sigma * sigma) @ mask.T
-    return float(np.sum(pi * sigma * t))
+    total = np.zeros((n, n))
+    for c, u in _rope_terms(rope, n):
+        if u is None:
+            total += c * (mask @ (sigma * keys) @ mask.T)
+        else:
+            kb = np.conj(u)[:, None] * keys * u[None, :]
+            total += c * np.real(np.conj(u)[:, None] * (mask @ (sigma * kb.T) @ mask.T) * u[None, :])
+    return float(np.sum(pi * keys * total))

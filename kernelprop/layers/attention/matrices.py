@@ -13,6 +13,7 @@ import numpy as np
 
 from ...errors import SpecError
 from ...inputs import segment_slices
+from . import rope
 
 _UNDERFLOW = -700.0  # exp(-700) ≈ 1e-304 is still a normal float; smaller weights are set to exactly 0
 
@@ -258,13 +259,13 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
 
     blocks_of = _linear_blocks if layer.attention == "identity" else _softmax_blocks
     bias_key = id(layer.bias) if isinstance(layer.bias, np.ndarray) else layer.bias
+    kq = score_kernel(layer, sigma, where) if layer.scores != "uniform" else sigma
+    rotary = layer.rope_theta is not None
     if layer.scores == "standard":
         distinct = [(1.0 / layer.heads, h) for h in range(layer.heads)]
-        # W_Q, W_K are shared by every sequence of the batch: draw the scores of all tokens together,
-        # S = σ_qk F Z Fᵀ with F Fᵀ = Σ over the whole batch, and keep each sequence's diagonal block
-        factor = _sqrt_factor(sigma)
-        rng = np.random.default_rng([*seed, 7919])
-        scale = np.sqrt(layer.qk_var)
+        draw = score_sampler(layer, kq, segments, seed, cache)
+    elif rotary:
+        offs = {t: rope.offset_matrix(layer, t) for t in set(segments)}
     out = []
     for weight, h in distinct:
         c = None
@@ -278,7 +279,7 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
         if layer.scores == "standard":
             n = layer.score_samples
             for _ in range(n):
-                full = scale * factor @ rng.standard_normal((len(factor), len(factor))) @ factor.T
+                full = draw()
                 a = blocks_of(segments, lambda sl, t: full[sl, sl], offsets[h])  # noqa: B023 (called here)
                 out.append((weight / n, _modified(layer, a, c)))
             continue
@@ -287,10 +288,58 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
             a = c
         elif layer.scores == "uniform":  # identity attention at zero scores: the bias alone
             a = blocks_of(segments, lambda sl, t: np.zeros((t, t)), offsets[h])
-        else:  # tied 1/d scaling: deterministic scores σ_qk² Σ (Hron et al. 2020)
-            a = blocks_of(segments, lambda sl, t: layer.qk_var * sigma[sl, sl], offsets[h])
+        elif rotary:  # tied with RoPE: σ_qk² Σ_ij ρ(j − i)
+            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl] * offs[t], offsets[h])
+        else:  # tied 1/d scaling: deterministic scores σ_qk² Σ (Hron et al. 2020; C under QK-norm)
+            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl], offsets[h])
         out.append((weight, _modified(layer, a, c)))
     return out
+
+
+def score_sampler(layer, kq: np.ndarray, segments, seed=(0,), cache: dict | None = None):
+    """``draw() -> S``: independent draws of the standard (1/sqrt(d_k)) scores of all N tokens at infinite width,
+    ``Cov(S_ij, S_kl) = σ_qk² K_ik K_jl ρ(Δ_ij − Δ_kl)`` (K = ``kq``: Σ, or C under QK-norm; ρ ≡ 1 without RoPE;
+    Δ_ij = t_j − t_i, positions within each sequence; docs/theory.md §2.1, §2.4).
+
+    W_Q, W_K are shared by every sequence of the batch: the scores of all tokens are drawn together,
+    ``S = σ_qk F Z Fᵀ`` with ``F Fᵀ = K`` over the whole batch, and each sequence keeps its diagonal block.
+    RoPE: ``S_ij = σ_qk Σ_m G_{Δ_ij,m} (F Z_m Fᵀ)_ij`` with independent Z_m and ``G Gᵀ`` the lag Toeplitz matrix
+    of ρ (:func:`.rope.lag_factor`)."""
+    factor = _sqrt_factor(kq)
+    rng = np.random.default_rng([*seed, 7919])
+    scale = np.sqrt(layer.qk_var)
+    n = len(factor)
+    if layer.rope_theta is None:
+        return lambda: scale * factor @ rng.standard_normal((n, n)) @ factor.T
+    longest = max(segments)
+    pos = rope.positions(segments)
+    g = rope.lag_factor(layer, longest, cache)
+    lag = pos[None, :] - pos[:, None] + longest - 1           # row of G for every pair (i, j)
+
+    def draw():            # one N×N field at a time: O(N²) memory, O(r N³) time for r ≤ 2T − 1 fields
+        out = np.zeros((n, n))
+        for m in range(g.shape[1]):
+            out += g[lag, m] * (factor @ rng.standard_normal((n, n)) @ factor.T)
+        return scale * out
+    return draw
+
+
+def score_kernel(layer, sigma: np.ndarray, where="attention") -> np.ndarray:
+    """The kernel the scores see: Σ, or under QK-norm ``C = D^{−1/2} Σ D^{−1/2}``, ``D = diag Σ``.
+
+    The queries ``q_i = W_Qᵀ x_i`` have i.i.d. features of mean 0 and variance ``σ_qk² Σ_ii`` whatever the
+    stream's mean, so LayerNorm and RMSNorm over a head's d_k → ∞ features both divide by ``σ_qk √Σ_ii``."""
+    if layer.qk_norm == "none":
+        return sigma
+    d = np.diag(sigma).copy()
+    bad = np.flatnonzero(~(d > 0))
+    if bad.size:
+        from ...errors import NumericalError
+        raise NumericalError(where, f"token {int(bad[0])} has zero variance: its queries and keys are 0 and "
+                             f"qk_norm = \"{layer.qk_norm}\" divides by their norm",
+                             "set qk_norm = \"none\", or fix the collapse upstream")
+    inv = 1.0 / np.sqrt(d)
+    return sigma * inv[:, None] * inv[None, :]
 
 
 def _modified(layer, a, c):
