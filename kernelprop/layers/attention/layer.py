@@ -663,11 +663,19 @@ class Attention(Layer):
             return out.replace(ntk=theta, ntk_error=s.ntk_error), back
         sv = self.value_var if self.values == "dense" else 1.0
         so = self.out_var if self.projection == "dense" else 1.0
+        bv = self.value_bias_var if self.values == "dense" else 0.0
+        bo = self.out_bias_var if self.projection == "dense" else 0.0
         base = mixed(s.sigma)
+        ones = mixed(np.ones_like(s.sigma)) if bv else 0.0          # M(11ᵀ): the value bias through the mixing
         if self.projection == "dense" and self.is_unit("out_var"):
-            so = unit_scale(base * sv, 0.0, f"{ctx.where}.out_var")
+            so = unit_scale(base * sv + bv * ones, bo, f"{ctx.where}.out_var")
+        # Θ through the mixing, W_V's own term, W_O's own term (its input's kernel, bias included), b_V's, b_O's
+        theta = (sv * so) * theta
+        if self.values == "dense":
+            theta = theta + (sv * so) * base + (so * bv) * ones
+        if self.projection == "dense":
+            theta = theta + so * (sv * base + bv * ones) + bo
         own = (self.values == "dense") + (self.projection == "dense")
-        theta = (sv * so) * (theta + own * base)
         return out.replace(ntk=theta, ntk_error=sv * so * (s.ntk_error + own * s.quad_error)), back
 
 
