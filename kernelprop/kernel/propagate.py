@@ -207,7 +207,7 @@ def _remedy(layer) -> str:
             f"or reduce the depth (layer type {layer.kind})")
 
 
-def _finish(network, inputs, records, means, kernels, rows, keep_kernels):
+def _finish(network, inputs, records, means, kernels, rows, keep_kernels, meta=None):
     names = list(dict.fromkeys(k for row in rows for k in row))
     measures = {}
     for k in names:
@@ -215,4 +215,5 @@ def _finish(network, inputs, records, means, kernels, rows, keep_kernels):
         measures[k] = np.array(vals, dtype=float) if np.ndim(vals[0]) == 0 else np.stack(vals)
     return Trajectory(labels=[r.label for r in records], blocks=np.array([r.block for r in records]),
                       means=np.stack(means), measures=measures, segments=inputs.segments, network=network,
-                      inputs=inputs, kernels=np.stack(kernels) if keep_kernels else None, records=list(records))
+                      inputs=inputs, kernels=np.stack(kernels) if keep_kernels else None, records=list(records),
+                      meta=dict(meta or {}))

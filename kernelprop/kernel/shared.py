@@ -586,7 +586,7 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     of elements K. Refuses (``SpecError``) when :func:`estimate` exceeds ``memory_limit`` bytes
     (default 4 GiB), and layers without a rule here by name.
     """
-    from .propagate import Trajectory, _checked
+    from .propagate import _checked, _finish
     shared = network.shared_weights if shared is None else bool(shared)
     plan = RecordPlan(network, record, every)
     n = inputs.n_tokens
@@ -628,16 +628,8 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
                 keep(rec, sigma, x)
         if unit.section == "block" and progress is not None:
             progress(unit.block, network.depth)
-    names = list(dict.fromkeys(k for row in rows for k in row))
-    measures = {}
-    for k in names:
-        vals = [row.get(k, np.nan) for row in rows]
-        measures[k] = np.array(vals, dtype=float) if np.ndim(vals[0]) == 0 else np.stack(vals)
-    return Trajectory(labels=[r.label for r in records], blocks=np.array([r.block for r in records]),
-                      means=np.stack(means), measures=measures, segments=inputs.segments, network=network,
-                      inputs=inputs, kernels=np.stack(kernels) if keep_kernels else None, records=list(records),
-                      meta={"interpreter": "shared weights" if shared else "joint state, unshared",
-                            "elements": joint.K})
+    return _finish(network, inputs, records, means, kernels, rows, keep_kernels,
+                   meta={"interpreter": "shared weights" if shared else "joint state, unshared", "elements": joint.K})
 
 
 __all__ = ["RULES", "Joint", "Stream", "estimate", "propagate"]
