@@ -72,10 +72,14 @@ class Serial(_Composite):
     # --- rules ---------------------------------------------------------------------------------
 
     def kernel_map(self, s, ctx):
+        return self._chain(s, ctx, lambda child: child.kernel_map)
+
+    def _chain(self, s, ctx, rule):
+        """Apply ``rule(child)(s, ctx)`` child by child; the backward rule runs theirs in reverse."""
         backs, path = [], ctx.path
         for i, child in enumerate(self.layers):
             ctx.path = f"{path}/{i}:{child.kind}"
-            s, b = child.kernel_map(s, ctx)
+            s, b = rule(child)(s, ctx)
             backs.append(b)
         ctx.path = path
 
@@ -118,18 +122,7 @@ class Serial(_Composite):
     def ntk_map(self, s, ctx):
         """NTK (docs/theory.md §14): each child's NTK map in turn."""
         from ..kernel import ntk as N
-        backs, path = [], ctx.path
-        for i, child in enumerate(self.layers):
-            ctx.path = f"{path}/{i}:{child.kind}"
-            s, b = N.rule(child, ctx.where)(s, ctx)
-            backs.append(b)
-        ctx.path = path
-
-        def back(pi, grads):
-            for b in reversed(backs):
-                pi = b(pi, grads)
-            return pi
-        return s, back
+        return self._chain(s, ctx, lambda child: N.rule(child, ctx.where))
 
 
 def _branches_of(layers) -> Serial:
