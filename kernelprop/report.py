@@ -221,8 +221,10 @@ def gradient_diagnosis(g, digits: int = 5) -> str:
     lo, hi = int(np.argmin(q)), int(np.argmax(q))
     spread = (f"; smallest {num(q[lo], digits)} at {safe(g.labels[lo])}, largest {num(q[hi], digits)} at "
               f"{safe(g.labels[hi])}")
-    if depth < 1 or q_out == 0.0:
-        return f"stable: no block to compare (grad norm² {num(q[first], digits)} at the input){spread}"
+    if depth < 1:
+        return f"none: no block to diagnose (grad norm² {num(q[first], digits)} at the input){spread}"
+    if q_out == 0.0:
+        return f"undefined: grad norm² 0 at {safe(g.labels[last])}, the ratio to it has no value{spread}"
     ratio = q_in / q_out
     rate = ratio ** (1.0 / depth)
     if ratio == 0.0:
