@@ -235,3 +235,21 @@ def test_plot_reads_every_file_the_package_writes(tmp_path):
     assert kind == "run" and rec.labels == g.labels
     np.testing.assert_array_equal(rec.measures["grad_q_mean"], g["grad_q_mean"])
     np.testing.assert_array_equal(rec.measures["grad_cos_mean"], g["grad_cos_mean"])
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+@pytest.mark.parametrize("command", ["moments", "gradients"])
+def test_per_record_tables_read_back_to_their_files(tmp_path, columns, command):
+    out = tmp_path / "t.csv"
+    res = invoke([command, "--preset", "pre_ln", "-L", "40", "--tokens", "8", "-o", str(out)], columns)
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= columns
+    header, full = _gradient_file(out)
+    rows = table_rows(res.stdout)
+    assert {"input", "block 40", "final"} <= set(rows) and "of 42 records shown" in res.stdout
+    for label, cells in rows.items():
+        values = [float(v) for v in full[label][2:]]
+        if command == "gradients" and len(cells) < len(values):       # no parameter norms off whole blocks
+            assert all(v != v for v in values[len(cells):])
+        assert len(cells) >= 2
+        assert all(agrees(c, v) for c, v in zip(cells, values)), (label, cells, values)
