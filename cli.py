@@ -18,6 +18,23 @@ out = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def _consoles():
+    """(Re)open the consoles at each invocation, so that they take the width (COLUMNS) of this one."""
+    global out, err
+    out, err = Console(), Console(stderr=True)
+
+
+def _show(table):
+    """Print a table whole: its lines may be longer than the console (report.fit), never cropped."""
+    out.print(table, crop=False)
+
+
+def _safe(text) -> str:
+    from kernelprop.report import safe
+    return safe(text)
+
+
 # the library's argument -> the command-line option or argument that sets it (error messages name the option)
 _FLAGS = {
     "spec": "SPEC", "overrides": "--set", "output": "--output", "figure": "--figure", "measure": "--measure",
@@ -36,13 +53,13 @@ def _errors():
     except SpecError as e:
         if e.field in _FLAGS:
             e = SpecError(_FLAGS[e.field], e.value, e.allowed)
-        err.print(f"[red]spec error:[/red] {e}", highlight=False)
+        err.print(f"[red]spec error:[/red] {_safe(e)}", highlight=False)
         raise typer.Exit(2) from None
     except NotSupportedError as e:
-        err.print(f"[red]not supported:[/red] {e}", highlight=False)
+        err.print(f"[red]not supported:[/red] {_safe(e)}", highlight=False)
         raise typer.Exit(2) from None
     except NumericalError as e:
-        err.print(f"[red]numerical failure:[/red] {e}", highlight=False)
+        err.print(f"[red]numerical failure:[/red] {_safe(e)}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -139,10 +156,10 @@ def run(
             progress=cb, ntk=ntk), s.network.depth)
         title = f"{s.network.name or spec} — depth {s.network.depth}, {s.inputs.description}"
         columns = report.DEFAULT_COLUMNS + (("ntk_mean", "ntk_cond") if ntk else ())
-        out.print(report.summary_table(traj, columns=columns, most=rows, title=title))
+        _show(report.summary_table(traj, columns=columns, most=rows, title=title, width=out.width))
         if output is not None:
             io.write(traj, output, spec_raw=s.raw)
-            err.print(f"wrote {output}")
+            err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 @app.command()
@@ -158,7 +175,12 @@ def gradients(
     preset: Optional[str] = None,
     options=None,
 ):
-    """Backward pass: gradient-kernel norms per block, parameter-gradient norms, vanishing/exploding diagnosis."""
+    """Backward pass: gradient-kernel norms per block, parameter-gradient norms, vanishing/exploding diagnosis.
+
+    The diagnosis reads two rows the table always shows: R = grad norm² at the input / at the last
+    block (as printed), per block R^(1/L); stable if the per-block factor lies within ×e^±0.01
+    (≈ ×0.99 to ×1.01), exploding toward the input above, vanishing below. A NaN in the gradient
+    measures is a numerical failure (exit 1) naming the block."""
     with _errors():
         from kernelprop import io, report
         from kernelprop.kernel.backward import backpropagate
@@ -167,12 +189,15 @@ def gradients(
             io.check_format(output, (".csv",), "gradients")
         g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, output_grad=output_grad,
                                                    rho=grad_rho, keep_kernels=False, progress=cb), s.network.depth)
-        out.print(report.gradients_table(g, most=rows, title=f"gradients — {s.network.name or spec}, depth "
-                                         f"{s.network.depth}; per-block parameter gradients ‖∂W‖²/d by kind"))
-        out.print(f"diagnosis: {g.diagnosis()}")
+        report.check_gradients(g)
+        table = report.gradients_table(g, most=rows, title=f"gradients — {s.network.name or spec}, depth "
+                                       f"{s.network.depth}; per-block parameter gradients ‖∂W‖²/d by kind",
+                                       width=out.width)
+        _show(table)
+        out.print(f"diagnosis: {report.gradient_diagnosis(g, report.shown_digits(table))}", highlight=False)
         if output is not None:
             io.write_csv(output, *io.gradient_rows(g))
-            err.print(f"wrote {output}")
+            err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 @app.command()
@@ -196,11 +221,12 @@ def moments(
             io.check_format(output, (".csv",), "moments")
         g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, progress=cb), s.network.depth)
         mv = moment_view(g)
-        out.print(report.moments_table(g, mv, most=rows, title=f"moments — {s.network.name or spec}, depth "
-                                       f"{s.network.depth}"))
+        report.check_gradients(g)
+        _show(report.moments_table(g, mv, most=rows, title=f"moments — {s.network.name or spec}, depth "
+                                   f"{s.network.depth}", width=out.width))
         if output is not None:
             io.write_csv(output, *io.moment_rows(g, mv))
-            err.print(f"wrote {output}")
+            err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 @app.command()
@@ -208,7 +234,7 @@ def presets():
     """List the named presets with their knobs and sources."""
     from kernelprop import report
     from kernelprop.methods.presets import PRESETS
-    out.print(report.presets_table(PRESETS.values()))
+    _show(report.presets_table(PRESETS.values()))
 
 
 @app.command()
@@ -217,8 +243,8 @@ def compare(
     names: List[str] = typer.Argument(..., help="Presets to compare (see `kernelprop presets`)."),
     depth: int = typer.Option(48, "--depth", "-L", help="Depth of every preset."),
     measure: str = typer.Option("cos_mean", help="Measure to tabulate (see docs/formats.md)."),
-    rows: int = typer.Option(16, help="Rows (depths) of the table."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the comparison as .csv."),
+    rows: int = typer.Option(16, help="Rows (depths) of the printed table; the file gets every depth."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the comparison at every depth as .csv."),
     options=None,
 ):
     """Tabulate one measure against depth for several presets side by side."""
@@ -229,10 +255,11 @@ def compare(
         trajs = models.compare(names, depth, measure=measure, options=options)
         picked = report.depth_rows(trajs[names[0]], rows)
         title = f"{measure} against depth, {options.inputs().description}"
-        out.print(report.comparison_table(trajs, measure, picked, title=title, names=names))
+        _show(report.comparison_table(trajs, measure, picked, title=title, names=names, width=out.width,
+                                      total=len(trajs[names[0]].depth_records())))
         if output is not None:
-            io.write_csv(output, *io.comparison_rows(trajs, measure, picked, names))
-            err.print(f"wrote {output}")
+            io.write_csv(output, *io.comparison_rows(trajs, measure, None, names))
+            err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 def _with_progress(job, total):
@@ -256,11 +283,11 @@ def import_config(
         from kernelprop.io import hf
         imp = hf.import_config(config, output, tokens=tokens, rho=rho)
         for note in imp.notes:
-            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            err.print(f"[yellow]note:[/yellow] {_safe(note)}", highlight=False)
         if output is None:
             typer.echo(hf.to_toml(imp, config.name), nl=False)
         else:
-            err.print(f"wrote {output}")
+            err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 @app.command("spec-reference")
@@ -275,7 +302,7 @@ def examples():
     """List the bundled example specs."""
     from kernelprop import load, models
     for name, path in models.examples().items():
-        out.print(f"[bold]{name:10s}[/bold] {load(path).network.name}")
+        out.print(f"[bold]{_safe(name):10s}[/bold] {_safe(load(path).network.name)}", highlight=False)
 
 
 @app.command()
@@ -312,11 +339,11 @@ print seed means ± standard errors."""
             s.network, s.inputs, width, seeds, init=init, input_kind=inputs, scores=scores, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
             keep_kernels=output is not None and output.suffix == ".npz", dong=dong, progress=cb), s.network.depth)
-        title = f"{s.network.name or spec} — width {width}, {seeds} seeds, {s.inputs.description}"
-        out.print(simulation_table(sim, most=rows, title=title))
+        title = _safe(f"{s.network.name or spec} — width {width}, {seeds} seeds, {s.inputs.description}")
+        _show(simulation_table(sim, most=rows, title=title))
         if output is not None:
             mc.write(sim, output, spec_raw=s.raw)
-            err.print(f"wrote {output}")
+            err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 class _GradientOptions(TypedDict, total=False):
@@ -369,15 +396,15 @@ def check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
             init=init, input_kind=inputs, scores=scores, progress=cb, **extra), s.network.depth)
-        title = f"{s.network.name or spec} — theory vs simulation, {s.inputs.description}"
+        title = _safe(f"{s.network.name or spec} — theory vs simulation, {s.inputs.description}")
         if all_rows:
-            out.print(rows_table(cmp))
+            _show(rows_table(cmp))
         elif gradients:
-            out.print(comparison_table(cmp.parts["forward"], most=rows, title=title))
-            out.print(mc.gradient_table(cmp.parts["gradients"], most=rows,
-                                        title=f"{s.network.name or spec} — gradients, output gradient {output_grad}"))
+            _show(comparison_table(cmp.parts["forward"], most=rows, title=title))
+            _show(mc.gradient_table(cmp.parts["gradients"], most=rows, title=_safe(
+                f"{s.network.name or spec} — gradients, output gradient {output_grad}")))
         else:
-            out.print(comparison_table(cmp, most=rows, title=title))
+            _show(comparison_table(cmp, most=rows, title=title))
         out.print(report.verdict(cmp))
         if not cmp.agree:
             raise typer.Exit(3)
@@ -403,7 +430,8 @@ def symbolic(
         s = models.load(spec, depth=depth, overrides=set_)
         d = sym.derive(s, tokens=explicit, symbols=symbol, opaque=opaque)
         text = sym.render_code(d) if code else sym.render_latex(d) if latex else sym.render_text(d)
-        out.print(text, markup=False, highlight=False, soft_wrap=True)
+        from kernelprop.report import printable
+        out.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("sweep")
@@ -456,18 +484,18 @@ def sweep_command(
                 knob = e.field.split(".", 1)[1]
                 raise SpecError("--param" if knob in swept else "--set", knob, e.allowed) from None
             raise
-        out.print(S.summary_table(res))
+        _show(S.summary_table(res))
         for line in res.plan:
-            err.print(f"[dim]{line}[/dim]", highlight=False)
+            err.print(f"[dim]{_safe(line)}[/dim]", highlight=False)
         for line in res.failures:
-            err.print(f"[yellow]failed:[/yellow] {line}", highlight=False)
+            err.print(f"[yellow]failed:[/yellow] {_safe(line)}", highlight=False)
         payload = render(phase_diagram(res), fig_format) if fig_format is not None else None
         if output is not None:
             res.write(output)
-            err.print(f"wrote {output}")
+            err.print(f"wrote {_safe(output)}", highlight=False)
         if fig_path is not None and payload is not None:
             atomic_write(fig_path, payload)
-            err.print(f"wrote {fig_path}")
+            err.print(f"wrote {_safe(fig_path)}", highlight=False)
 
 
 def _sweep_progress(job):
@@ -503,7 +531,7 @@ def plot_command(
         fig = plot_files(results, kind=kind, measure=measure, depths=depths, logx=logx, logy=logy,
                          labels=label or None, x=x, position=position)
         atomic_write(output, render(fig, fmt))
-        err.print(f"wrote {output}")
+        err.print(f"wrote {_safe(output)}", highlight=False)
 
 
 def main():

@@ -43,11 +43,42 @@ def moment_rows(g, moments: dict) -> tuple[list, list]:
     return ["record", "block", *MOMENTS], rows
 
 
-def comparison_rows(trajectories: dict, measure: str, records, names=None) -> tuple[list, list]:
+def comparison_rows(trajectories: dict, measure: str, records=None, names=None) -> tuple[list, list]:
     """``(header, rows)``: at each record index of ``records`` (whole-block records of the first
-    trajectory), the block index and ``measure`` of the trajectories ``{name: Trajectory}`` named in
-    ``names`` (default: all, in order)."""
+    trajectory; default: all of them, as files hold), the block index and ``measure`` of the
+    trajectories ``{name: Trajectory}`` named in ``names`` (default: all, in order), each read at its
+    own whole-block record of that block."""
     names = list(trajectories) if names is None else list(names)
     first = trajectories[names[0]]
-    rows = [[first.blocks[r], *(trajectories[n].measures[measure][r] for n in names)] for r in records]
+    if records is None:
+        records = first.depth_records()
+    at = {n: {int(trajectories[n].blocks[r]): r for r in trajectories[n].depth_records()} for n in names}
+    rows = []
+    for r in records:
+        block = int(first.blocks[r])
+        rows.append([block, *(trajectories[n].measures[measure][at[n][block]] if block in at[n] else float("nan")
+                              for n in names)])
     return ["block", *names], rows
+
+
+PER_RECORD = {"gradients": ("record", "block", "grad_q_mean", "grad_cos_mean"),
+              "moments": ("record", "block", *MOMENTS)}
+
+
+def read_csv(path) -> tuple[str, list, np.ndarray, dict]:
+    """A per-record table written by ``gradients`` or ``moments`` read back:
+    ``(kind, labels, blocks, {column: values})`` (empty cells and 'nan' as NaN). :class:`SpecError`
+    naming ``path`` if its header is neither kind's."""
+    from ..errors import SpecError
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",") if lines else []
+    kind = next((k for k, h in PER_RECORD.items() if tuple(header[:len(h)]) == h), None)
+    if kind is None:
+        raise SpecError("path", str(path), "is not a per-record table written by gradients or moments")
+    cells = [line.split(",") for line in lines[1:] if line]
+    labels = [c[0] for c in cells]
+    blocks = np.array([int(c[1]) for c in cells])
+    columns = {h: np.array([float(c[j]) if c[j] != "" else np.nan for c in cells]) for j, h in enumerate(header)
+               if j >= 2}
+    return kind, labels, blocks, columns

@@ -7,6 +7,8 @@ written by                 recognised by                               default f
 ``run``/``simulate`` .csv   header ``record,label,block,measure,…``     measure vs depth
 ``run``/``simulate`` .npz   a ``kernels`` array                         kernel heatmaps
 ``compare`` .csv            header ``block,<preset>,…``                 measure vs depth
+``gradients`` .csv          header ``record,block,grad_q_mean,…``       measure vs depth
+``moments`` .csv            header ``record,block,mu,…``                measure vs depth
 ``sweep`` .csv/.json/.npz   ``NAME[,NAME2],measure,value`` / ``kind`` /  phase diagram (2-D)
                            ``axis_names``                              or line (1-D)
 =========================  ==========================================  ===================
@@ -126,7 +128,12 @@ def _read_csv(path):
         for j, name in enumerate(header[1:], start=1):
             out[name] = Records(labels, blocks, {"value": np.array([float(r[j]) for r in rows[1:]])}, name)
         return "compare", out
-    raise SpecError("path", str(path), "is not a result written by run, compare or sweep (unknown CSV header)")
+    from ..io.tables import PER_RECORD, read_csv
+    if any(header[:len(h)] == list(h) for h in PER_RECORD.values()):   # gradients or moments
+        _, labels, blocks, columns = read_csv(path)
+        return "run", Records(labels, blocks, columns, path.stem)
+    raise SpecError("path", str(path), "is not a result written by run, simulate, gradients, moments, compare or "
+                    "sweep (unknown CSV header)")
 
 
 def _run_csv(rows, path):
