@@ -86,17 +86,22 @@ class GradientTrajectory(Records):
         return self.depth_records()
 
     def diagnosis(self, tol: float = 0.01) -> str:
-        """'vanishing', 'exploding' or 'stable' from the per-block growth rate (|rate| ≤ tol is stable);
-        'overall' compares the gradient at the input with the one at the output of the last block."""
-        r = self.growth
+        """'vanishing', 'exploding' or 'stable' toward the input from the overall ratio
+        ``R = grad norm² at the input / grad norm² after the last block`` and its per-block rate ``R^(1/L)``:
+        stable when ``|ln R^(1/L)| ≤ tol`` (the rule the CLI's gradients table states)."""
         idx = self._block_records()
         q = self.measures["grad_q_mean"]
-        total = float(np.log(q[idx[0]] / q[idx[-1]])) if len(idx) > 1 else 0.0
-        if r > tol:
-            return f"exploding toward the input: ×{np.exp(r):.4g} per block, ×{np.exp(total):.4g} overall"
-        if r < -tol:
-            return f"vanishing toward the input: ×{np.exp(r):.4g} per block, ×{np.exp(total):.4g} overall"
-        return f"stable: ×{np.exp(r):.4g} per block, ×{np.exp(total):.4g} overall"
+        depth = int(self.blocks[idx[-1]] - self.blocks[idx[0]]) if len(idx) > 1 else 0
+        if depth < 1:
+            return "none: no block to diagnose"
+        q_in, q_out = float(q[idx[0]]), float(q[idx[-1]])
+        if not (np.isfinite(q_in) and np.isfinite(q_out)) or q_out <= 0.0:
+            return f"undefined: grad norm² {q_in:.4g} at the input, {q_out:.4g} after the last block"
+        ratio = q_in / q_out
+        rate = ratio ** (1.0 / depth) if ratio > 0 else 0.0
+        verdict = ("stable" if rate > 0 and abs(np.log(rate)) <= tol else
+                   "exploding toward the input" if rate > 1 else "vanishing toward the input")
+        return f"{verdict}: ×{rate:.4g} per block, ×{ratio:.4g} overall"
 
 
 def output_gradient(kind, n: int, rho: float = 0.0) -> np.ndarray:
