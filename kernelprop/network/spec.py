@@ -104,7 +104,7 @@ def check_overrides(overrides, params, *parts) -> None:
     known = set(params) | expression_names(*parts)
     for k, v in overrides.items():
         if k not in known:
-            raise SpecError(f"params.{k}", v, "is not a param of this spec (neither in its [params] table nor "
+            raise SpecError(f"params.{k}", v, "is not a param of this spec (neither in its params table nor "
                             f"used by an expression); known params: {sorted(known) or '(none)'}")
 
 
@@ -149,9 +149,15 @@ def _layer(t, where) -> L.Layer:
                             f"or an activation name {sorted(ACTIVATIONS)}")
         cls = prims[kind]
         names = {f.name for f in dataclasses.fields(cls)} - {"derivative"}
-        if cls is L.Activation:
+        if cls is L.Activation:   # the activation's parameters: keys of the table, or a `params` table
+            given = t.pop("params", {})
+            if not isinstance(given, dict):
+                raise SpecError(f"{where}.params", given, "must be a table of name = number (or give the "
+                                "activation's parameters as keys of the layer table, e.g. slope = 0.2)")
             act_params = {k: t.pop(k) for k in list(t) if k not in names}
-            t["params"] = act_params
+            for k in sorted(set(given) & set(act_params)):
+                raise SpecError(f"{where}.{k}", act_params[k], f"is also given in {where}.params: give it once")
+            t["params"] = {**given, **act_params}
         else:
             for k in t:
                 if k not in names:
