@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import inputs as I
 from .errors import SpecError
 from .network.spec import Spec
@@ -48,18 +50,25 @@ def parse_overrides(overrides) -> dict:
     """``{name: float}`` from a mapping or from strings ``"NAME=NUMBER"``; :class:`SpecError` naming
     ``overrides`` otherwise."""
     if isinstance(overrides, Mapping):
+        for k, v in overrides.items():
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise SpecError(f"overrides.{k}", v, "must be a number (not a boolean or a string)")
         return {str(k): float(v) for k, v in overrides.items()}
     if isinstance(overrides, str):
         overrides = [overrides]
-    out = {}
+    out: dict[str, float] = {}
     for item in overrides or []:
         name, sep, value = str(item).partition("=")
         try:
-            out[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise SpecError("overrides", item, "must be NAME=NUMBER, e.g. --set beta=0.5") from None
         if not sep:
             raise SpecError("overrides", item, "must be NAME=NUMBER, e.g. --set beta=0.5")
+        if name.strip() in out:
+            raise SpecError("overrides", item, f"sets {name.strip()} a second time (it is "
+                            f"{out[name.strip()]:g} already): give each name once")
+        out[name.strip()] = number
     return out
 
 

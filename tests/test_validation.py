@@ -5,6 +5,9 @@ import collections.abc
 import dataclasses
 import typing
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import pytest
 import kernelprop as kp
 from kernelprop import models
 from kernelprop.errors import SpecError
-from kernelprop.layers import LAYERS, Attention, Dense, LayerNorm
+from kernelprop.layers import LAYERS, Attention, Dense, Layer, LayerNorm, register_layer, unregister_layer
 from kernelprop.layers.base import _field_types
 from kernelprop.network.network import UnusedParamsWarning
 
@@ -278,3 +281,48 @@ def test_an_activation_params_table_in_toml_is_used_not_dropped():
         np.testing.assert_allclose(kp.propagate(s.network, s.inputs).kernels[-1][0, 0], 0.625, rtol=1e-12)
     with pytest.raises(SpecError, match=r"block\[0\]\.slope = 0\.2: is also given in block\[0\]\.params"):
         kp.loads('[[block]]\ntype = "leaky_relu"\nslope = 0.2\nparams = {slope = 0.5}\n[input]\nkind = "identity"\n')
+
+
+def test_override_values_must_be_numbers_and_each_name_is_given_once():
+    with pytest.raises(SpecError, match=r"overrides\.beta = True: must be a number"):
+        models.load("pre_ln", overrides={"beta": True})
+    with pytest.raises(SpecError, match="a second time"):
+        models.load("pre_ln", overrides=["beta=0.5", "beta=2"])
+    with pytest.raises(SpecError, match="NAME=NUMBER"):
+        models.load("pre_ln", overrides=["beta=true"])
+    assert models.load("pre_ln", overrides={"beta": np.float64(0.25)}).network.params["beta"] == 0.25
+    assert kp.Network(block=[Dense(weight_var="c")], depth=1, params={"c": np.int64(2)}).params["c"] == 2
+
+
+@dataclass(frozen=True, eq=False)
+class _Typed(Layer):
+    """A layer with plain annotated fields and no checks of its own (string annotations included)."""
+
+    k: "int" = 2
+    on: bool = False
+    x: float = 1.0
+    label: "str | None" = None
+    opts: "Mapping" = dataclasses.field(default_factory=dict)
+    mode: Literal["a", "b"] = "a"
+    kind = "typed_test_layer"
+
+    def kernel_map(self, s, ctx):
+        return s, self.no_backward()
+
+
+@pytest.mark.parametrize(("field", "value"), [("k", 2.5), ("k", "2"), ("k", True), ("on", "false"), ("on", 1),
+                                              ("x", "1.0"), ("x", False), ("label", 3), ("opts", [1]),
+                                              ("mode", "c"), ("mode", 1)])
+def test_a_layer_added_later_is_checked_by_its_annotations_without_checks_of_its_own(field, value):
+    register_layer(_Typed)
+    try:
+        with pytest.raises(SpecError) as exc:
+            _Typed(**{field: value})
+        assert exc.value.field == f"typed_test_layer.{field}"
+        with pytest.raises(SpecError) as exc:
+            kp.loads(f'[[block]]\ntype = "typed_test_layer"\n{field} = {_toml(value)}\n[input]\nkind = "identity"\n')
+        assert exc.value.field == f"block[0].{field}"
+        ok = _Typed(k=np.int64(3), on=np.True_, x=2, label="s", opts={"a": 1}, mode="b")
+        assert ok.on is True and ok.k == 3
+    finally:
+        unregister_layer("typed_test_layer")

@@ -64,8 +64,9 @@ class Network:
             if not k.isidentifier() or k in ("L", "l") or k in expressions.FUNCTIONS or k in expressions.CONSTANTS:
                 raise SpecError(f"params.{k}", v,
                                 "name must be an identifier other than L, l, pi, e and function names")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SpecError(f"params.{k}", v, "must be a finite number")
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(v):
+                raise SpecError(f"params.{k}", v, "must be a finite number (not a boolean or a string)")
         object.__setattr__(self, "params", params)
         for part in ("stem", "block", "final"):
             for where, e in getattr(self, part).expressions():
