@@ -92,6 +92,21 @@ class PresetOptions:
     scores: str = "uniform"
     activation: str = "relu"
 
+    def __post_init__(self):
+        for name in ("tokens", "heads"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise SpecError(f"options.{name}", v, "must be a whole number >= 1")
+        if isinstance(self.rho, (bool, np.bool_)) or not isinstance(self.rho, (int, float, np.integer, np.floating)):
+            raise SpecError("options.rho", self.rho, "must be a real number (not a boolean or a string)")
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise SpecError("options.causal", self.causal, "must be True or False (a string such as \"false\" "
+                            "or a number is not a boolean)")
+        object.__setattr__(self, "causal", bool(self.causal))
+        for name in ("scores", "activation"):
+            if not isinstance(getattr(self, name), str):
+                raise SpecError(f"options.{name}", getattr(self, name), "must be a string")
+
     def inputs(self) -> I.Inputs:
         """The equicorrelated input kernel ``q = 1``, ``rho``, over ``tokens`` tokens."""
         return I.equicorrelated(self.tokens, 1.0, self.rho)

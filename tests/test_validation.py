@@ -326,3 +326,12 @@ def test_a_layer_added_later_is_checked_by_its_annotations_without_checks_of_its
         assert ok.on is True and ok.k == 3
     finally:
         unregister_layer("typed_test_layer")
+
+
+@pytest.mark.parametrize(("field", "value"), [("causal", "false"), ("causal", 0), ("heads", 2.0), ("tokens", True),
+                                              ("rho", "0.1"), ("scores", None), ("activation", 3)])
+def test_preset_options_are_type_checked(field, value):
+    with pytest.raises(SpecError) as exc:
+        models.PresetOptions(**{field: value})
+    assert exc.value.field == f"options.{field}"
+    assert models.PresetOptions(causal=np.False_).causal is False
