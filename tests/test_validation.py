@@ -304,6 +304,7 @@ class _Typed(Layer):
     label: "str | None" = None
     opts: "Mapping" = dataclasses.field(default_factory=dict)
     mode: Literal["a", "b"] = "a"
+    weights: "np.ndarray | None" = None
     kind = "typed_test_layer"
 
     def kernel_map(self, s, ctx):
@@ -312,7 +313,7 @@ class _Typed(Layer):
 
 @pytest.mark.parametrize(("field", "value"), [("k", 2.5), ("k", "2"), ("k", True), ("on", "false"), ("on", 1),
                                               ("x", "1.0"), ("x", False), ("label", 3), ("opts", [1]),
-                                              ("mode", "c"), ("mode", 1)])
+                                              ("mode", "c"), ("mode", 1), ("weights", 1.0)])
 def test_a_layer_added_later_is_checked_by_its_annotations_without_checks_of_its_own(field, value):
     register_layer(_Typed)
     try:
@@ -322,8 +323,10 @@ def test_a_layer_added_later_is_checked_by_its_annotations_without_checks_of_its
         with pytest.raises(SpecError) as exc:
             kp.loads(f'[[block]]\ntype = "typed_test_layer"\n{field} = {_toml(value)}\n[input]\nkind = "identity"\n')
         assert exc.value.field == f"block[0].{field}"
-        ok = _Typed(k=np.int64(3), on=np.True_, x=2, label="s", opts={"a": 1}, mode="b")
+        ok = _Typed(k=np.int64(3), on=np.True_, x=2, label="s", opts={"a": 1}, mode="b", weights=[1.0, 2.0])
         assert ok.on is True and ok.k == 3
+        assert kp.loads('[[block]]\ntype = "typed_test_layer"\nweights = [1.0, 2.0]\non = true\n'
+                        '[input]\nkind = "identity"\n').network.block.layers[0].on is True
     finally:
         unregister_layer("typed_test_layer")
 

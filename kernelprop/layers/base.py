@@ -170,7 +170,7 @@ def _conforms(v, tp) -> bool:
             ok = isinstance(v, str)
         elif origin in (Mapping, dict, collections.abc.MutableMapping):
             ok = isinstance(v, Mapping)
-        elif origin in _SEQUENCES:
+        elif origin in _SEQUENCES or origin is np.ndarray:   # arrays: TOML and Python lists too
             ok = isinstance(v, (list, tuple, np.ndarray))
         elif origin is collections.abc.Callable:
             ok = callable(v)
@@ -195,7 +195,7 @@ def _describe(tp) -> list[str]:
         origin = typing.get_origin(t) or t
         if origin is typing.Literal:
             out.append(f"one of {list(typing.get_args(t))}")
-        elif origin in _SEQUENCES:
+        elif origin in _SEQUENCES or origin is np.ndarray:
             out.append("an array (list) of values")
         else:
             out.append(_WORDS.get(origin, getattr(origin, "__name__", str(origin))))
