@@ -1,7 +1,9 @@
 """The layer protocol: a layer's description and every interpretation of it, in one class.
 
 A layer type is a frozen dataclass whose fields describe it (numbers or depth expressions such as
-``"1/sqrt(L)"``, checked on construction) and whose methods are its rules, one per interpreter:
+``"1/sqrt(L)"``, checked on construction; every other field is checked against its annotation: ``bool``
+takes only booleans, ``int`` only integers, ``str`` a string, ``Mapping`` a table, ``X | None`` also
+None) and whose methods are its rules, one per interpreter:
 
 =====================  ===========================================================================
 ``kernel_map``         infinite-width forward map on the engine state ``(Σ, m, …)``; returns the new
@@ -150,6 +152,11 @@ def _members(tp) -> tuple:
     return (tp,)
 
 
+def _one_of(v, options) -> bool:
+    """``v in options`` without taking ``True`` for ``1`` or comparing an array elementwise."""
+    return any((type(v) is type(o) or isinstance(v, str) and isinstance(o, str)) and v == o for o in options)
+
+
 def _conforms(v, tp) -> bool:
     """True when ``v`` is a value of the annotation ``tp`` (types it cannot judge accept anything)."""
     for t in _members(tp):
@@ -159,7 +166,7 @@ def _conforms(v, tp) -> bool:
         if t is type(None) or t is None:
             ok = v is None
         elif origin is typing.Literal:
-            ok = any(v == a and type(v) is type(a) for a in typing.get_args(t))
+            ok = _one_of(v, typing.get_args(t))
         elif origin is bool:
             ok = isinstance(v, (bool, np.bool_))
         elif origin is int:
@@ -240,7 +247,7 @@ class Layer:
                     raise SpecError(where, v, _CHECKS[f.metadata["numeric"]][1] + " or an expression string "
                                     "such as \"1/sqrt(L)\" (it cannot be omitted)")
             elif "choice" in f.metadata:
-                if not isinstance(v, str) or v not in f.metadata["choice"]:
+                if not _one_of(v, f.metadata["choice"]):
                     raise SpecError(where, v, f"must be one of {list(f.metadata['choice'])}")
             else:
                 tp = _field_types(type(self)).get(f.name, Any)
