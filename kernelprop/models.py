@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import inputs as I
 from .errors import SpecError
 from .network.spec import Spec
@@ -48,18 +50,25 @@ def parse_overrides(overrides) -> dict:
     """``{name: float}`` from a mapping or from strings ``"NAME=NUMBER"``; :class:`SpecError` naming
     ``overrides`` otherwise."""
     if isinstance(overrides, Mapping):
+        for k, v in overrides.items():
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise SpecError(f"overrides.{k}", v, "must be a number (not a boolean or a string)")
         return {str(k): float(v) for k, v in overrides.items()}
     if isinstance(overrides, str):
         overrides = [overrides]
-    out = {}
+    out: dict[str, float] = {}
     for item in overrides or []:
         name, sep, value = str(item).partition("=")
         try:
-            out[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise SpecError("overrides", item, "must be NAME=NUMBER, e.g. --set beta=0.5") from None
         if not sep:
             raise SpecError("overrides", item, "must be NAME=NUMBER, e.g. --set beta=0.5")
+        if name.strip() in out:
+            raise SpecError("overrides", item, f"sets {name.strip()} a second time (it is "
+                            f"{out[name.strip()]:g} already): give each name once")
+        out[name.strip()] = number
     return out
 
 
@@ -82,6 +91,21 @@ class PresetOptions:
     causal: bool = True
     scores: str = "uniform"
     activation: str = "relu"
+
+    def __post_init__(self):
+        for name in ("tokens", "heads"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise SpecError(f"options.{name}", v, "must be a whole number >= 1")
+        if isinstance(self.rho, (bool, np.bool_)) or not isinstance(self.rho, (int, float, np.integer, np.floating)):
+            raise SpecError("options.rho", self.rho, "must be a real number (not a boolean or a string)")
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise SpecError("options.causal", self.causal, "must be True or False (a string such as \"false\" "
+                            "or a number is not a boolean)")
+        object.__setattr__(self, "causal", bool(self.causal))
+        for name in ("scores", "activation"):
+            if not isinstance(getattr(self, name), str):
+                raise SpecError(f"options.{name}", getattr(self, name), "must be a string")
 
     def inputs(self) -> I.Inputs:
         """The equicorrelated input kernel ``q = 1``, ``rho``, over ``tokens`` tokens."""

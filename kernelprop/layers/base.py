@@ -1,7 +1,9 @@
 """The layer protocol: a layer's description and every interpretation of it, in one class.
 
 A layer type is a frozen dataclass whose fields describe it (numbers or depth expressions such as
-``"1/sqrt(L)"``, checked on construction) and whose methods are its rules, one per interpreter:
+``"1/sqrt(L)"``, checked on construction; every other field is checked against its annotation: ``bool``
+takes only booleans, ``int`` only integers, ``str`` a string, ``Mapping`` a table, ``X | None`` also
+None) and whose methods are its rules, one per interpreter:
 
 =====================  ===========================================================================
 ``kernel_map``         infinite-width forward map on the engine state ``(Σ, m, …)``; returns the new
@@ -22,8 +24,12 @@ type known to the spec loader (``type = "foo"`` in TOML) and to every interprete
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
+import sys
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import field
 from typing import Any, ClassVar
@@ -113,6 +119,100 @@ def resolved(v: Param) -> float:
     return float(v)
 
 
+# ----------------------------------------------------------------------------------------------
+# field types: every plain field is checked against its annotation (bool, int, float, str, Mapping,
+# sequences, callables, None and unions of these), so a new layer type is covered without hand checks
+
+_TYPES: dict[type, dict[str, Any]] = {}
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """``{field: type}`` of a layer dataclass, its string annotations evaluated in the class's module;
+    an annotation that does not evaluate (a name not importable there) is left unchecked (``Any``)."""
+    if cls not in _TYPES:
+        out: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            namespace = {**vars(sys.modules.get(klass.__module__, typing)), **dict(vars(klass))}
+            for name, tp in vars(klass).get("__annotations__", {}).items():
+                if isinstance(tp, str):
+                    try:
+                        tp = eval(tp, namespace)  # noqa: S307 - an annotation of a registered class
+                    except Exception:  # noqa: BLE001 - unresolvable: not checked
+                        tp = Any
+                out[name] = tp
+        _TYPES[cls] = out
+    return _TYPES[cls]
+
+
+def _members(tp) -> tuple:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _one_of(v, options) -> bool:
+    """``v in options`` without taking ``True`` for ``1`` or comparing an array elementwise."""
+    return any((type(v) is type(o) or isinstance(v, str) and isinstance(o, str)) and v == o for o in options)
+
+
+def _conforms(v, tp) -> bool:
+    """True when ``v`` is a value of the annotation ``tp`` (types it cannot judge accept anything)."""
+    for t in _members(tp):
+        origin = typing.get_origin(t) or t
+        if t is Any or isinstance(t, typing.TypeVar):
+            return True
+        if t is type(None) or t is None:
+            ok = v is None
+        elif origin is typing.Literal:
+            ok = _one_of(v, typing.get_args(t))
+        elif origin is bool:
+            ok = isinstance(v, (bool, np.bool_))
+        elif origin is int:
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        elif origin is float:
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        elif origin is str:
+            ok = isinstance(v, str)
+        elif origin in (Mapping, dict, collections.abc.MutableMapping):
+            ok = isinstance(v, Mapping)
+        elif origin in _SEQUENCES or origin is np.ndarray:   # arrays: TOML and Python lists too
+            ok = isinstance(v, (list, tuple, np.ndarray))
+        elif origin is collections.abc.Callable:
+            ok = callable(v)
+        elif isinstance(origin, type):
+            ok = isinstance(v, origin)
+        else:
+            return True
+        if ok:
+            return True
+    return False
+
+
+_WORDS = {bool: "true or false (a boolean: a string such as \"false\" or a number is not one)",
+          int: "a whole number (not a boolean, string or float)", float: "a real number", str: "a string",
+          type(None): "omitted (None)", Mapping: "a table of name = value", dict: "a table of name = value",
+          collections.abc.Callable: "a callable"}
+
+
+def _describe(tp) -> list[str]:
+    out = []
+    for t in _members(tp):
+        origin = typing.get_origin(t) or t
+        if origin is typing.Literal:
+            out.append(f"one of {list(typing.get_args(t))}")
+        elif origin in _SEQUENCES or origin is np.ndarray:
+            out.append("an array (list) of values")
+        else:
+            out.append(_WORDS.get(origin, getattr(origin, "__name__", str(origin))))
+    return out
+
+
+def _doc(f: dataclasses.Field) -> str:
+    return f" ({f.metadata['doc']})" if f.metadata.get("doc") else ""
+
+
 def refused(layer: Layer, rule: str) -> NotSupportedError:
     """The error for a rule ``layer`` does not have, with its reason if the class gives one."""
     what = RULES.get(rule, rule)
@@ -143,8 +243,18 @@ class Layer:
                     object.__setattr__(self, f.name, expressions.parse(v, where, known=None))
                 elif v is not None and not isinstance(v, expressions.Expr):
                     check_number(where, v, f.metadata["numeric"])
-            elif "choice" in f.metadata and v not in f.metadata["choice"]:
-                raise SpecError(where, v, f"must be one of {list(f.metadata['choice'])}")
+                elif v is None and f.default is not None:
+                    raise SpecError(where, v, _CHECKS[f.metadata["numeric"]][1] + " or an expression string "
+                                    "such as \"1/sqrt(L)\" (it cannot be omitted)")
+            elif "choice" in f.metadata:
+                if not _one_of(v, f.metadata["choice"]):
+                    raise SpecError(where, v, f"must be one of {list(f.metadata['choice'])}")
+            else:
+                tp = _field_types(type(self)).get(f.name, Any)
+                if not _conforms(v, tp):
+                    raise SpecError(where, v, "must be " + " or ".join(_describe(tp)) + _doc(f))
+                if isinstance(v, np.bool_):
+                    object.__setattr__(self, f.name, bool(v))
 
     def resolve(self, env: Mapping[str, float]) -> Layer:
         """A copy with every expression evaluated in ``env`` (keys L, l and params) and checked."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -15,6 +17,17 @@ from ..layers.composite import Serial
 from . import expressions
 
 _SHAPE_FIELDS = ("width_factor", "key_width")   # numeric fields that set a weight matrix's shape
+_copying = threading.local()   # set while with_depth/with_params copy a network (its unused params were reported)
+
+
+class UnusedParamsWarning(UserWarning):
+    """A ``params`` entry that no expression of the network uses (a typo, or a leftover)."""
+
+
+def expression_names(*parts: Layer) -> set[str]:
+    """The param names the expressions of ``parts`` (and their sub-layers) use (not L, l, pi, e)."""
+    return {n for part in parts for _, e in part.expressions() for n in e.names} \
+        - {"L", "l"} - set(expressions.CONSTANTS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,8 +64,9 @@ class Network:
             if not k.isidentifier() or k in ("L", "l") or k in expressions.FUNCTIONS or k in expressions.CONSTANTS:
                 raise SpecError(f"params.{k}", v,
                                 "name must be an identifier other than L, l, pi, e and function names")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SpecError(f"params.{k}", v, "must be a finite number")
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(v):
+                raise SpecError(f"params.{k}", v, "must be a finite number (not a boolean or a string)")
         object.__setattr__(self, "params", params)
         for part in ("stem", "block", "final"):
             for where, e in getattr(self, part).expressions():
@@ -62,6 +76,14 @@ class Network:
                                     f"uses unknown name(s) {sorted(unknown)}; allowed are L, l, pi, e "
                                     f"and the params {sorted(params) or '(none defined)'}")
 
+        if not isinstance(self.name, str):
+            raise SpecError("name", self.name, "must be a string")
+        unused = self.unused_params()
+        if unused and not getattr(_copying, "active", False):
+            warnings.warn(UnusedParamsWarning(
+                f"params {unused}{f' of network {self.name!r}' if self.name else ''} "
+                f"{'is' if len(unused) == 1 else 'are'} used by no expression of its layers: setting "
+                f"{'it' if len(unused) == 1 else 'them'} changes nothing (a misspelt name?)"), stacklevel=3)
         if not isinstance(self.shared_weights, (bool, np.bool_)):
             raise SpecError("shared_weights", self.shared_weights, "must be true or false")
         object.__setattr__(self, "shared_weights", bool(self.shared_weights))
@@ -84,10 +106,29 @@ class Network:
         return {**self.params, "L": float(self.depth), "l": float(l)}
 
     def with_depth(self, depth: int) -> Network:
-        return dataclasses.replace(self, depth=depth)
+        return self._replace(depth=depth)
 
     def with_params(self, **params) -> Network:
-        return dataclasses.replace(self, params={**self.params, **params})
+        """A copy with ``params`` replaced; a name that is neither a param nor used by an expression is a
+        :class:`SpecError` (it would change nothing)."""
+        known = set(self.params) | expression_names(self.stem, self.block, self.final)
+        for k, v in params.items():
+            if k not in known:
+                raise SpecError(f"params.{k}", v, f"is not a param of the network; known params: "
+                                f"{sorted(known) or '(none)'}")
+        return self._replace(params={**self.params, **params})
+
+    def _replace(self, **changes) -> Network:
+        """A copy with ``changes``; unused params were already reported when this network was made."""
+        _copying.active = True
+        try:
+            return dataclasses.replace(self, **changes)
+        finally:
+            _copying.active = False
+
+    def unused_params(self) -> list[str]:
+        """The names in ``params`` that no expression of the layers uses, sorted."""
+        return sorted(set(self.params) - expression_names(self.stem, self.block, self.final))
 
     def layers(self):
         """Yield ``(section, l, resolved_layer)`` in order: stem (l=0), blocks 1…L, final (l=L+1)."""

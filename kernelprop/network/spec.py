@@ -24,6 +24,7 @@ from .. import inputs as I
 from ..errors import SpecError
 from ..layers import LAYERS
 from . import layers as L
+from .network import expression_names
 
 COMPOSITES = ("residual", "parallel", "serial")
 
@@ -78,20 +79,33 @@ def from_dict(raw: dict, *, base=".", depth=None, params=None, path=None) -> Spe
                         f"is not a spec field; allowed: {sorted(TOP_KEYS)}")
     if "block" not in raw and "stem" not in raw:
         raise SpecError("block", None, "a spec needs [[block]] layers (repeated `depth` times) or [[stem]] layers")
+    for key in ("name", "description"):
+        if not isinstance(raw.get(key, ""), str):
+            raise SpecError(key, raw[key], "must be a string")
     d = raw.get("depth", 1) if depth is None else depth
-    p = dict(raw.get("params", {}))
+    p = raw.get("params", {})
     if not isinstance(p, dict):
         raise SpecError("params", p, "must be a table of name = number")
-    p.update(params or {})
-    net = L.Network(
-        block=_layers(raw.get("block", []), "block"),
-        stem=_layers(raw.get("stem", []), "stem"),
-        final=_layers(raw.get("final", []), "final"),
-        depth=d, params=p, name=str(raw.get("name", "")), shared_weights=raw.get("shared_weights", False),
-    )
+    p = dict(p)
+    stem, block, final = (_layers(raw.get(part, []), part) for part in ("stem", "block", "final"))
+    if params:
+        check_overrides(params, p, stem, block, final)
+        p.update(params)
+    net = L.Network(block=block, stem=stem, final=final, depth=d, params=p, name=raw.get("name", ""),
+                    shared_weights=raw.get("shared_weights", False))
     record = _record(raw.get("record", {}))
     inputs = _inputs(raw.get("input"), Path(base))
     return Spec(net, inputs, record, raw, path)
+
+
+def check_overrides(overrides, params, *parts) -> None:
+    """Refuse an override (``--set NAME=VALUE``) that names neither a ``[params]`` entry nor a name an
+    expression of ``parts`` uses: it would change nothing."""
+    known = set(params) | expression_names(*parts)
+    for k, v in overrides.items():
+        if k not in known:
+            raise SpecError(f"params.{k}", v, "is not a param of this spec (neither in its params table nor "
+                            f"used by an expression); known params: {sorted(known) or '(none)'}")
 
 
 def _record(r):
@@ -135,9 +149,15 @@ def _layer(t, where) -> L.Layer:
                             f"or an activation name {sorted(ACTIVATIONS)}")
         cls = prims[kind]
         names = {f.name for f in dataclasses.fields(cls)} - {"derivative"}
-        if cls is L.Activation:
+        if cls is L.Activation:   # the activation's parameters: keys of the table, or a `params` table
+            given = t.pop("params", {})
+            if not isinstance(given, dict):
+                raise SpecError(f"{where}.params", given, "must be a table of name = number (or give the "
+                                "activation's parameters as keys of the layer table, e.g. slope = 0.2)")
             act_params = {k: t.pop(k) for k in list(t) if k not in names}
-            t["params"] = act_params
+            for k in sorted(set(given) & set(act_params)):
+                raise SpecError(f"{where}.{k}", act_params[k], f"is also given in {where}.params: give it once")
+            t["params"] = {**given, **act_params}
         else:
             for k in t:
                 if k not in names:
@@ -187,6 +207,13 @@ def _inputs(t, base: Path) -> I.Inputs:
         if k not in INPUT_KEYS[kind]:
             raise SpecError(f"input.{k}", t[k], f"is not a field of input kind {kind!r}; allowed: "
                             f"{sorted(INPUT_KEYS[kind] | POSITIONAL_KEYS)}")
+    for k in ("q", "rho", "cross_rho", "positional_var"):
+        if k in t or k in pos:
+            v = t[k] if k in t else pos[k]
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise SpecError(f"input.{k}", v, "must be a real number (not a boolean or a string)")
+    if "matrix" in t and _has_bool(t["matrix"]):
+        raise SpecError("input.matrix", t["matrix"], "must be a square array of numbers (not booleans)")
     if kind == "identity":
         x = I.identity(t.get("tokens", 16), t.get("q", 1.0), t.get("sequences", 1))
     elif kind == "equicorrelated":
@@ -216,3 +243,10 @@ def _inputs(t, base: Path) -> I.Inputs:
     if pos and pos.get("positional", "none") != "none":
         x = x.with_positional(pos["positional"], pos.get("positional_var", 1.0), pos.get("positional_dim", 512))
     return x
+
+
+def _has_bool(x) -> bool:
+    """True when a (nested) list holds a boolean, which numpy would silently read as 0 or 1."""
+    if isinstance(x, (list, tuple)):
+        return any(_has_bool(e) for e in x)
+    return isinstance(x, (bool, np.bool_))
