@@ -23,6 +23,12 @@ def _consoles():
     """(Re)open the consoles at each invocation, so that they take the width (COLUMNS) of this one."""
     global out, err
     out, err = Console(), Console(stderr=True)
+    import warnings
+    warnings.showwarning = _warning     # one line on stderr (e.g. params no field uses), no source excerpt
+
+
+def _warning(message, category, *_args, **_kwargs):
+    err.print(f"warning: {message}", markup=False, highlight=False)
 
 
 def _show(table):
