@@ -56,6 +56,13 @@ def compute(sigma: np.ndarray, segments, mean=None, spectral: bool = True) -> di
             cmin.append(c[off].min())
         block = sigma[sl, sl]
         tr = np.trace(block)
+        if not tr > 0:          # an all-zero sequence (e.g. weight_var = 0): rank 0, every rank measure 0
+            r1.append(0.0)
+            if spectral:
+                sr.append(0.0)
+                ratio.append(0.0)
+                er.append(0.0)
+            continue
         r1.append(max(tr - block.sum() / t, 0.0) / tr)
         if spectral:
             lam = np.clip(np.linalg.eigvalsh(block), 0.0, None)

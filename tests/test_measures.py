@@ -33,3 +33,15 @@ def test_cross_sequence_cosine():
     m = M.compute(I.equicorrelated(3, 1.0, 0.5, sequences=2, cross_rho=0.2).sigma, (3, 3))
     assert m["cross_cos_mean"] == pytest.approx(0.2)
     assert m["cos_mean"] == pytest.approx(0.5)
+
+
+def test_an_all_zero_sequence_has_rank_measures_zero_not_nan():
+    """weight_var = 0 zeroes the stream: rank 0, so stable rank, distance to rank one, λ_min/λ_max and the
+    effective rank are 0 (before: 0/0 = NaN with a RuntimeWarning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = M.compute(np.zeros((3, 3)), (3,))
+    for k in ("rank_one_distance", "stable_rank", "effective_rank"):
+        assert m[k] == 0.0
