@@ -52,7 +52,8 @@ class SweepResult:
     """Result of :func:`sweep`: ``values[measure]`` is an array of shape ``shape`` (one entry per axis).
 
     ``runs`` counts the propagations done, ``plan`` says what was shared and what rerun,
-    ``failures`` lists the points that failed numerically (their values are NaN).
+    ``failures`` lists the points that failed numerically (their values are NaN), ``cached`` counts
+    the runs read from a sweep cache instead of computed.
     """
 
     axes: tuple
@@ -62,6 +63,7 @@ class SweepResult:
     plan: list
     failures: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    cached: int = 0
 
     def __getitem__(self, measure: str) -> np.ndarray:
         return self.values[measure]

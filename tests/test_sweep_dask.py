@@ -1,0 +1,244 @@
+"""Distributed sweeps on a real local Dask cluster, the sweep cache, and labelled (xarray) results.
+
+The reference of every distributed result is the serial sweep (itself tested against independent
+runs in test_sweep.py): equal bit for bit, every array. The worker-loss test kills a worker process
+for real (SIGKILL from inside its task, once) and checks the sweep completes unchanged.
+"""
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernelprop as kp
+from kernelprop import inputs
+from kernelprop.layers import Layer, register_layer
+from kernelprop.network.layers import Activation, Attention, Dense, LayerNorm, Network, Residual
+from kernelprop.sweep import sweep
+from kernelprop.sweep.parallel import Cache, MissingExtraError
+
+X = inputs.equicorrelated(8, 1.0, 0.2)
+
+
+def pre_ln_block(beta):
+    return [Residual(LayerNorm(), Attention(heads=2, causal=True, scores="tied"), beta=beta),
+            Residual(LayerNorm(), Dense(width_factor=2), Activation("relu"), Dense(weight_var=2.0), beta=beta)]
+
+
+def net_with(*extra, depth=4):
+    return Network(block=pre_ln_block("b/sqrt(L)") + list(extra), depth=depth, params={"b": 1.0})
+
+
+GRID = {"b": [0.3, 1.0, 2.5], "L": [2, 4]}
+MEASURES = ["cos_mean", "q_mean", "stable_rank"]
+
+
+def assert_identical(a, b):
+    assert a.measures == b.measures and a.names == b.names
+    for x, y in zip(a.axes, b.axes):
+        assert np.array_equal(x.values, y.values)
+    for m in a.measures:
+        assert a[m].dtype == b[m].dtype == np.float64
+        assert np.array_equal(a[m], b[m], equal_nan=True), m
+    assert a.runs == b.runs and a.failures == b.failures
+
+
+# ----------------------------------------------------------------------------------------------
+# layers that act on the process running them (identity maps otherwise); the worker processes import
+# this module to unpickle them
+
+
+@register_layer
+@dataclass(frozen=True, eq=False)
+class DieOnce(Layer):
+    """Identity; the first process to apply it on a Dask worker (marker file absent) kills itself."""
+
+    marker: str = ""
+    kind = "test_die_once"
+
+    def kernel_map(self, s, ctx):
+        if _on_worker():
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return s, lambda pi, grads: pi
+
+
+@register_layer
+@dataclass(frozen=True, eq=False)
+class FailUnless(Layer):
+    """Identity while the file ``allow`` exists; raises (an unexpected error, not a numerical one) otherwise,
+    counting its calls in ``allow + ".calls"``."""
+
+    allow: str = ""
+    kind = "test_fail_unless"
+
+    def kernel_map(self, s, ctx):
+        with open(self.allow + ".calls", "a") as f:
+            f.write("x\n")
+        if not os.path.exists(self.allow):
+            raise RuntimeError("interrupted on purpose")
+        return s, lambda pi, grads: pi
+
+
+def _on_worker():
+    try:
+        from distributed import get_worker
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    sys.path.insert(0, str(Path(__file__).parent))      # the workers import this module by name
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed = serial, bit for bit
+
+
+def test_local_cluster_sweep_equals_the_serial_sweep_bit_for_bit(client):
+    net = net_with()
+    serial = sweep(net, X, GRID, measure=MEASURES)
+    assert serial.runs == 6
+    for chunk in (1, 4):
+        dist = sweep(net, X, GRID, measure=MEASURES, scheduler=client, chunk=chunk)
+        assert_identical(serial, dist)
+        assert dist.plan == serial.plan
+
+
+def test_failures_and_shared_depth_runs_come_back_in_the_serial_order(client):
+    """A shared depth run (no L in the blocks) whose deeper part explodes: partial NaN, failure text."""
+    net = Network(block=[Residual(Dense(weight_var=30.0), Activation("relu"), beta="b")], depth=3, params={"b": 1.0})
+    grid = {"b": [0.5, 2.0, 40.0], "L": [1, 5, 200]}
+    serial = sweep(net, X, grid, measure="q_mean")
+    assert serial.failures and np.isnan(serial["q_mean"]).any() and np.isfinite(serial["q_mean"]).any()
+    dist = sweep(net, X, grid, measure="q_mean", scheduler=client, chunk=1)
+    assert_identical(serial, dist)
+
+
+def test_a_killed_worker_is_replaced_and_the_sweep_completes_unchanged(client, tmp_path):
+    marker = tmp_path / "killed"
+    net = net_with(DieOnce(str(marker)))
+    before = set(client.scheduler_info()["workers"])
+    dist = sweep(net, X, GRID, measure=MEASURES, scheduler=client, chunk=1)
+    assert marker.exists()                                # a worker process did kill itself
+    assert_identical(sweep(net, X, GRID, measure=MEASURES), dist)
+    client.wait_for_workers(2, timeout=60)                # the nanny restarted it (under a new address)
+    assert set(client.scheduler_info()["workers"]) != before
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache: an interrupted sweep resumes
+
+
+def test_an_interrupted_serial_sweep_resumes_from_its_cache(tmp_path):
+    net = net_with()
+    cache = tmp_path / "cache"
+    reference = sweep(net, X, GRID, measure=MEASURES)
+
+    def stop_after_three(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(net, X, GRID, measure=MEASURES, cache=cache, progress=stop_after_three)
+    assert len(list(cache.glob("*/*.json"))) == 3
+    seen = []
+    resumed = sweep(net, X, GRID, measure=MEASURES, cache=cache, progress=lambda d, t: seen.append(d))
+    assert resumed.cached == 3 and seen == [3, 4, 5, 6]      # three read back, three computed
+    assert_identical(reference, resumed)
+    again = sweep(net, X, GRID, measure=MEASURES, cache=cache)
+    assert again.cached == 6
+    assert_identical(reference, again)
+
+
+def test_a_chunk_that_raises_on_the_cluster_is_retried_then_the_rerun_computes_only_what_is_missing(client, tmp_path):
+    allow = tmp_path / "allow"
+    calls = tmp_path / "allow.calls"
+    net = net_with()
+    cache = tmp_path / "cache"
+
+    def make(depth, b=1.0):
+        """b = 2.5 carries the failing layer: one chunk of the grid raises."""
+        base = net.with_params(b=b).with_depth(depth)
+        if b == 2.5:
+            base = Network(block=list(base.block.layers) + [FailUnless(str(allow))], depth=depth, params={"b": b})
+        return base
+
+    grid = {"b": [0.3, 1.0, 2.5]}
+    with pytest.raises(RuntimeError, match="interrupted on purpose"):
+        sweep(make, X, grid, measure=MEASURES, depth=4, scheduler=client, chunk=1, cache=cache)
+    assert len(calls.read_text().split()) == 3              # tried three times (retries=2), then raised
+    kept = len(list(cache.glob("*/*.json")))                 # the chunks that had finished
+    assert kept <= 2
+    allow.touch()
+    calls.unlink()
+    resumed = sweep(make, X, grid, measure=MEASURES, depth=4, scheduler=client, chunk=1, cache=cache)
+    assert resumed.cached == kept and len(calls.read_text().split()) == 4   # the failed run once, 4 blocks
+    assert_identical(sweep(make, X, grid, measure=MEASURES, depth=4), resumed)
+
+
+def test_the_cache_key_changes_with_the_input_the_measures_and_the_version(tmp_path, monkeypatch):
+    net = net_with()
+    cache = tmp_path / "c"
+    sweep(net, X, {"b": [1.0]}, cache=cache)
+    assert sweep(net, X, {"b": [1.0]}, cache=cache).cached == 1
+    assert sweep(net, inputs.equicorrelated(8, 1.0, 0.3), {"b": [1.0]}, cache=cache).cached == 0
+    assert sweep(net, X, {"b": [1.0]}, measure="q_mean", cache=cache).cached == 0
+    monkeypatch.setattr(kp, "__version__", "0.0.0-other")
+    assert sweep(net, X, {"b": [1.0]}, cache=cache).cached == 0
+
+
+def test_an_unreadable_cache_entry_is_computed_again(tmp_path):
+    net = net_with()
+    cache = tmp_path / "c"
+    first = sweep(net, X, {"b": [1.0, 2.0]}, cache=cache)
+    for p in cache.glob("*/*.json"):
+        p.write_text("{not json")
+    again = sweep(net, X, {"b": [1.0, 2.0]}, cache=cache)
+    assert again.cached == 0
+    assert_identical(first, again)
+    assert Cache(cache).get("0" * 64) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# argument errors
+
+
+@pytest.mark.parametrize("kw, field", [({"workers": -1}, "workers"), ({"workers": 1.5}, "workers"),
+                                       ({"chunk": 0}, "chunk"), ({"workers": 2, "scheduler": "tcp://x:1"}, "workers")])
+def test_bad_distribution_arguments_name_the_field(kw, field):
+    with pytest.raises(kp.errors.SpecError) as e:
+        sweep(net_with(), X, {"b": [1.0]}, **kw)
+    assert e.value.field == field
+
+
+def test_a_missing_extra_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)     # import distributed -> ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'kernelprop\[dask\]'"):
+        sweep(net_with(), X, {"b": [1.0, 2.0]}, workers=2)
+
+
+def test_importing_kernelprop_imports_neither_dask_nor_xarray():
+    import subprocess
+    code = ("import sys, kernelprop, kernelprop.sweep, kernelprop.io; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'xarray', 'h5netcdf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]"
