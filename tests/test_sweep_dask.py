@@ -242,3 +242,67 @@ def test_importing_kernelprop_imports_neither_dask_nor_xarray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------
+# labelled results (xarray)
+
+
+def test_a_sweep_as_netcdf_opens_in_xarray_with_named_axes_equal_to_the_csv(tmp_path):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    net = Network(block=[Residual(Dense(weight_var=30.0), Activation("relu"), beta="b")], depth=3, params={"b": 1.0})
+    res = sweep(net, X, {"b": [0.5, 2.0, 40.0], "L": [1, 5, 200]}, measure=["q_mean", "cos_mean"])
+    assert np.isnan(res["q_mean"]).any()                       # NaNs survive too
+    res.write(tmp_path / "s.nc")
+    res.write(tmp_path / "s.csv")
+    with xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf") as ds:
+        assert list(ds["q_mean"].dims) == ["b", "L"] and ds["L"].dtype.kind == "i"
+        assert ds["b"].attrs["spacing"] == res.axis("b").spacing
+        rows = (tmp_path / "s.csv").read_text().splitlines()[1:]
+        assert len(rows) == 18
+        for line in rows:                                       # every CSV row is the Dataset's value
+            b, L, m, v = line.split(",")
+            got = float(ds[m].sel(b=float(b), L=int(L)))
+            assert (np.isnan(got) and v == "nan") or got == float(v)
+    back = kp.sweep.load(tmp_path / "s.nc")
+    assert_identical(res, back)
+    assert back.plan == res.plan and [a.label for a in back.axes] == [a.label for a in res.axes]
+
+
+def test_a_run_as_netcdf_has_records_labels_measures_and_kernels(tmp_path):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    from kernelprop.io.results import write, write_dataset
+    spec = kp.load(kp.__path__[0] + "/examples/pre_ln.toml", depth=3)
+    traj = kp.propagate(spec.network, spec.inputs, ntk=False)
+    write_dataset(traj, tmp_path / "r.nc", spec_raw=spec.raw)
+    write(traj, tmp_path / "r.csv")
+    with xr.open_dataset(tmp_path / "r.nc", engine="h5netcdf") as ds:
+        assert list(ds["label"].values) == list(traj.labels)
+        assert np.array_equal(ds["kernel"].values, traj.kernels)
+        assert ds["cos_mean"].dims == ("record",)
+        for line in (tmp_path / "r.csv").read_text().splitlines()[1:]:
+            r, label, block, m, pos, v = line.split(",")
+            got = ds[m].values[int(r)] if pos == "" else ds[m].values[int(r), int(pos)]
+            assert ds["label"].values[int(r)] == label and int(ds["block"].values[int(r)]) == int(block)
+            assert (np.isnan(got) and v == "nan") or got == float(v)
+        assert "versions" in ds.attrs["kernelprop"]
+
+
+def test_zarr_needs_zarr_and_a_missing_xarray_names_the_pip_command(tmp_path, monkeypatch):
+    res = sweep(net_with(), X, {"b": [1.0, 2.0]})
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingExtraError, match=r"kernelprop\[xarray\]"):
+            res.write(tmp_path / "s.zarr")
+        assert not (tmp_path / "s.zarr").exists()
+    else:
+        res.write(tmp_path / "s.zarr")
+        res.write(tmp_path / "s.zarr")                          # replaced, not merged
+        assert_identical(res, kp.sweep.load(tmp_path / "s.zarr"))
+    monkeypatch.setitem(sys.modules, "xarray", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'kernelprop\[xarray\]'"):
+        res.write(tmp_path / "t.nc")
+    assert not (tmp_path / "t.nc").exists()

@@ -19,23 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import KernelpropError, NotSupportedError, SpecError
+from ..errors import KernelpropError, SpecError
+from .extras import MissingExtraError, require
 
 RETRIES = 2
-
-
-class MissingExtraError(NotSupportedError, ImportError):
-    """An optional dependency (a ``kernelprop[...]`` extra) is not installed."""
-
-
-def require(module: str, extra: str, what: str):
-    """Import ``module``, or raise :class:`MissingExtraError` naming ``pip install 'kernelprop[extra]'``."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(f"{what} needs the package {module.split('.')[0]}: "
-                                f"pip install 'kernelprop[{extra}]'") from None
+__all__ = ["Cache", "MissingExtraError", "RETRIES", "cache_key", "require", "run_jobs"]
 
 
 # ----------------------------------------------------------------------------------------------
