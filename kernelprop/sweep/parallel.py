@@ -162,7 +162,7 @@ def _run_dask(items, todo, inputs, measures, spectral, workers, scheduler, chunk
         else:
             n = workers or os.cpu_count() or 1
             cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                               dashboard_address=None)
+                                               dashboard_address=":0")
             own.append(cluster)
             client = distributed.Client(cluster)
             own.insert(0, client)
