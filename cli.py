@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from pathlib import Path
 from typing import Any, List, Optional, TypedDict
 
@@ -48,6 +49,7 @@ _FLAGS = {
     "seed": "--seed", "init": "--init", "input_kind": "--inputs", "scores": "--scores", "alpha": "--alpha",
     "symbols": "--symbol", "param": "--param", "at": "--at", "kind": "--kind", "labels": "--label",
     "depths": "--depths", "position": "--position", "x": "--x", "path": "RESULT", "paths": "RESULT",
+    "workers": "--workers", "scheduler": "--scheduler", "cache": "--cache",
 }
 
 
@@ -132,7 +134,8 @@ def run(
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
     config: Optional[Path] = typer.Option(None, "--config", help="Run a Hugging Face config.json instead of a spec "
                                           "(as `import-config` writes it; input: --tokens, --rho)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results: .json, .csv or .npz."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results: .json, .csv, .npz, or "
+                                          "labelled .nc / .zarr (xarray, with the kernels; kernelprop[xarray])."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
     every: Optional[int] = typer.Option(None, help="Record every k-th block (default: the spec's)."),
@@ -154,17 +157,23 @@ def run(
             s = hf.load(config, depth=depth, overrides=set_, tokens=options.tokens, rho=options.rho)
         else:
             s = _load(spec, preset, options, depth, set_)
-        if output is not None:
+        labelled = output is not None and output.suffix.lower() in (".nc", ".zarr")
+        if output is not None and not labelled:
             io.check_format(output)
         traj = _with_progress(lambda cb: propagate(
             s.network, s.inputs, record="sublayers" if sublayers else s.record["mode"],
-            every=every or s.record["every"], keep_kernels=output is not None and output.suffix == ".npz",
+            every=every or s.record["every"], keep_kernels=output is not None and output.suffix in (".npz", ".nc",
+                                                                                                   ".zarr"),
             progress=cb, ntk=ntk), s.network.depth)
         title = f"{s.network.name or spec} — depth {s.network.depth}, {s.inputs.description}"
         columns = report.DEFAULT_COLUMNS + (("ntk_mean", "ntk_cond") if ntk else ())
         _show(report.summary_table(traj, columns=columns, most=rows, title=title, width=out.width))
         if output is not None:
-            io.write(traj, output, spec_raw=s.raw)
+            if labelled:
+                from kernelprop.io.results import write_dataset
+                write_dataset(traj, output, spec_raw=s.raw)
+            else:
+                io.write(traj, output, spec_raw=s.raw)
             err.print(f"wrote {_safe(output)}", highlight=False)
 
 
@@ -450,13 +459,22 @@ def sweep_command(
     log: bool = typer.Option(False, "--log", help="Geometric spacing for every START:STOP:N range."),
     measure: List[str] = typer.Option(["cos_mean"], "--measure", "-m", help="Scalar measure(s) (see docs/formats.md); "
                                       "the figure shows the first."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the sweep: .csv, .json or .npz."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the sweep: .csv, .json, .npz, or "
+                                          "labelled .nc / .zarr (xarray; kernelprop[xarray])."),
     figure: Optional[Path] = typer.Option(None, "--figure", help="Heatmap file (.png, .pdf, .svg); default: next "
                                           "to -o with extension .png."),
     no_figure: bool = typer.Option(False, "--no-figure", help="Do not draw the heatmap."),
     at: str = typer.Option("block", help="Read the kernel after block L (block) or after the final layers (output)."),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Depth when L is not swept."),
     set_: List[str] = typer.Option([], "--set", help="Fix a param or preset knob: NAME=NUMBER (repeatable)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Run on a local Dask cluster of N worker "
+                                          "processes (0: one per core; 1: serially, the default). kernelprop[dask]."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its "
+                                            "scheduler address tcp://HOST:PORT (default: $KERNELPROP_SCHEDULER "
+                                            "unless --workers is given)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder of finished runs, so an interrupted "
+                                         "sweep resumes (default: .kernelprop-cache next to -o)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write a cache."),
     preset: Optional[str] = None,
     options=None,
 ):
@@ -479,10 +497,17 @@ def sweep_command(
         fig_format = style.check_format(fig_path) if fig_path is not None else None
         _spec_or_preset(spec, preset)
         model, x, depth = models.sweep_model(spec, preset, depth=depth, overrides=set_, options=options)
+        if scheduler is None and workers is None:
+            scheduler = os.environ.get("KERNELPROP_SCHEDULER") or None
+        if no_cache:
+            cache = None
+        elif cache is None and output is not None:
+            cache = output.parent / ".kernelprop-cache"
         try:
             res = _sweep_progress(lambda cb: S.sweep(
                 model, x, {n: v for n, v, _ in axes}, measure=measure, depth=depth, at=at,
-                spacing={n: sp for n, _, sp in axes}, progress=cb))
+                spacing={n: sp for n, _, sp in axes}, progress=cb, workers=workers, scheduler=scheduler,
+                cache=cache))
         except SpecError as e:   # the sweep's params are --param, a preset's unknown knob --param or --set
             if e.field == "params" or e.field.startswith("params."):
                 raise SpecError("--param", e.value, e.allowed) from None

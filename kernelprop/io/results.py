@@ -127,3 +127,29 @@ def atomic_write(path: Path, payload: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_dataset(traj, path, spec_raw=None, extra=None) -> Path:
+    """Write ``traj`` as a labelled xarray Dataset, ``.nc`` (netCDF via h5netcdf) or ``.zarr``
+    (extra ``kernelprop[xarray]``): dimension ``record`` (coordinates ``label``, ``block``), one
+    variable per measure (``(record,)``, profiles ``(record, position)``), ``mean`` ``(record,
+    token)``, and ``kernel`` (and ``ntk``) ``(record, token, token_)`` when kept; metadata as
+    JSON in the attribute ``kernelprop``. Atomic, like :func:`write`."""
+    from ..sweep.labelled import save_dataset, xarray
+    xr = xarray()
+    n = len(traj.labels)
+    data: dict[str, tuple] = {}
+    for name, v in traj.measures.items():
+        v = np.asarray(v, dtype=np.float64)
+        data[name] = (("record",) if v.ndim == 1 else ("record", "position"), v)
+    data["mean"] = (("record", "token"), np.asarray(traj.means, dtype=np.float64))
+    if traj.kernels is not None:
+        data["kernel"] = (("record", "token", "token_"), np.asarray(traj.kernels, dtype=np.float64))
+    if getattr(traj, "ntk", None) is not None:
+        data["ntk"] = (("record", "token", "token_"), np.asarray(traj.ntk, dtype=np.float64))
+    coords = {"record": np.arange(n), "label": ("record", np.array([str(x) for x in traj.labels])),
+              "block": ("record", np.asarray(traj.blocks, dtype=np.int64))}
+    meta = {k: v for k, v in to_dict(traj, spec_raw, extra).items() if k != "records"}
+    ds = xr.Dataset(data, coords=coords, attrs={"kind": "kernelprop run",
+                                                "kernelprop": json.dumps(meta, default=_default)})
+    return save_dataset(ds, path)

@@ -90,7 +90,9 @@ class _Job:
 def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[float] | np.ndarray] | None = None, *,
           measure: str | Sequence[str] = "cos_mean", depth: int | None = None, at: str = "block",
           spacing: Mapping[str, str] | None = None,
-          progress: Callable[[int, int], None] | None = None) -> SweepResult:
+          progress: Callable[[int, int], None] | None = None,
+          workers: int | None = None, scheduler=None, cache: str | Path | None = None,
+          chunk: int | None = None) -> SweepResult:
     """Evaluate ``measure`` on the grid ``params = {name: values, …}`` (one or two axes).
 
     ``model``: a :class:`~kernelprop.Network`, a :class:`~kernelprop.Spec`, a spec path or bundled
@@ -101,6 +103,16 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
     after the ``final`` layers. ``spacing`` (``{name: "linear" | "log"}``) only labels the axes for
     plots; it is inferred when omitted. ``progress(done, total)`` is called after every run.
     See the module docstring for which runs are shared.
+
+    Distributed runs (docs/sweeps.md, extra ``kernelprop[dask]``): ``workers=N`` runs the distinct
+    networks on a local ``dask.distributed`` cluster of N processes (0: one per core; None or 1:
+    serially, without Dask); ``scheduler`` (an address ``tcp://host:port`` or a
+    ``distributed.Client``) sends them to an existing cluster; ``chunk`` networks per task
+    (default: about four tasks per worker thread). The grid is filled in the serial order, so the
+    result equals the serial one bit for bit. ``cache``: a directory keeping each network's
+    measures (keyed by its description, the input, the measures and the package version), so a
+    rerun of an interrupted sweep computes only what is missing; ``cached`` counts the networks read
+    from it.
     """
     make, net0, inputs, meta = _model(model, inputs, depth)
     measures = _measures(measure, inputs)
@@ -138,22 +150,30 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
                 _add(jobs, net, (_full(index, kd, j, len(axes)), d, _reads_last(net, at)))
     plan.extend(_describe_plan(axes, kd, net0, make, jobs, shared_points, rerun_points, at))
 
+    from .parallel import run_jobs
+    outcomes, cached = run_jobs(jobs, inputs, measures, spectral, workers=workers, scheduler=scheduler,
+                                cache=cache, chunk=chunk, progress=progress)
     grid = {m: np.full(tuple(len(a.values) for a in axes), np.nan) for m in measures}
     failures: list[str] = []
-    runs, total = 0, len(jobs)
+    runs = 0
     first_error = None
-    for k, job in enumerate(jobs.values()):
-        try:
-            runs += _execute(job, inputs, measures, grid, spectral, failures)
-        except NumericalError as exc:   # every point of the job failed
-            first_error = first_error or exc
-            runs += 1
-        if progress is not None:
-            progress(k + 1, total)
+    for job, outcome in zip(jobs.values(), outcomes):   # the planning order, whoever computed what
+        failures.extend(outcome.failures)
+        runs += outcome.runs
+        if outcome.error is not None:   # every point of the job failed
+            first_error = first_error or NumericalError(*outcome.error)
+            continue
+        values = {(d, last): v for d, last, v in outcome.values}
+        for index, d, last in job.reads:
+            if (d, last) in values:
+                for m, v in zip(measures, values[(d, last)]):
+                    grid[m][index] = v
     if all(np.isnan(g).all() for g in grid.values()) and first_error is not None:
         raise first_error
+    if cached:
+        plan.append(f"{cached} of {len(jobs)} run(s) read from the cache {cache}")
     return SweepResult(axes=tuple(axes), values=grid, at=at, runs=runs, plan=plan, failures=failures,
-                       meta={**meta, "depth": base_depth, "params": dict(net0.params)})
+                       meta={**meta, "depth": base_depth, "params": dict(net0.params)}, cached=cached)
 
 
 def _full(index, kd, j, n):
@@ -187,35 +207,48 @@ def _rerun_reason(make, point, deepest, depths, at) -> str | None:
     return None
 
 
-def _execute(job: _Job, inputs, measures, grid, spectral, failures) -> int:
-    """Run ``job`` and fill its grid points; returns the number of propagations done."""
+@dataclass
+class _Outcome:
+    """What one job computed, in plain data (it travels between processes and into the cache):
+    ``values`` ``[(depth, read last record?, [value per measure]), …]`` for the reads it could
+    make, ``failures`` (messages), ``runs`` (propagations) and ``error`` (the fields of the
+    :class:`NumericalError` when every read failed, else None)."""
+
+    values: list
+    failures: list
+    runs: int
+    error: tuple | None = None
+
+
+def _execute(job: _Job, inputs, measures, spectral) -> _Outcome:
+    """Run ``job``: its measures at every read, or the failure."""
     from ..kernel.propagate import propagate
     depths = sorted({d for _, d, _ in job.reads})
     every = math.gcd(*depths)
     net = job.network
+    reads = list(dict.fromkeys((d, last) for _, d, last in job.reads))
     try:
         traj = propagate(net, inputs, every=every, keep_kernels=False, spectral=spectral)
     except NumericalError as exc:
         m = re.search(r"block (\d+)", str(exc.layer))
         failed_at = int(m.group(1)) if m else None
         ok = [d for d in depths if failed_at is not None and d < failed_at]
-        failures.append(f"{_point_text(net)}: {exc}" + (f" (depths >= {failed_at} are NaN)" if job.shared else ""))
+        failures = [f"{_point_text(net)}: {exc}" + (f" (depths >= {failed_at} are NaN)" if job.shared else "")]
         if not (job.shared and ok):
-            raise
+            return _Outcome([], failures, 1, (exc.layer, exc.problem, exc.remedy))
         shorter = net.with_depth(max(ok))
         traj = propagate(shorter, inputs, every=math.gcd(*ok), keep_kernels=False, spectral=spectral)
-        _fill(traj, [r for r in job.reads if r[1] in ok], measures, grid)
-        return 2
-    _fill(traj, job.reads, measures, grid)
-    return 1
+        return _Outcome(_read(traj, [r for r in reads if r[0] in ok], measures), failures, 2)
+    return _Outcome(_read(traj, reads, measures), [], 1)
 
 
-def _fill(traj, reads, measures, grid):
+def _read(traj, reads, measures) -> list:
     after_block = {traj.records[r].block: r for r in traj.where(section="block", part=None)}
-    for index, d, last in reads:
+    out = []
+    for d, last in reads:
         r = len(traj.labels) - 1 if last else after_block[d]
-        for m in measures:
-            grid[m][index] = traj.measures[m][r]
+        out.append((d, last, [float(traj.measures[m][r]) for m in measures]))
+    return out
 
 
 def _point_text(net) -> str:

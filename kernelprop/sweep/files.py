@@ -1,5 +1,6 @@
 """The result of a sweep (:class:`Axis`, :class:`SweepResult`) and its files: written as ``.csv``
-(tidy rows), ``.json`` (metadata + rows) or ``.npz`` (grids), read back by :func:`load`."""
+(tidy rows), ``.json`` (metadata + rows), ``.npz`` (grids) or, labelled with xarray, ``.nc``
+(netCDF) or ``.zarr`` (:mod:`kernelprop.sweep.labelled`), read back by :func:`load`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..errors import SpecError
 from ..io.results import _default, atomic_write, versions
 
 DEPTH_NAMES = ("L", "depth")
-RESULT_FORMATS = (".csv", ".json", ".npz")
+RESULT_FORMATS = (".csv", ".json", ".npz", ".nc", ".zarr")
 DEPTH_LABEL = "depth $L$ (blocks)"
 
 
@@ -52,7 +53,8 @@ class SweepResult:
     """Result of :func:`sweep`: ``values[measure]`` is an array of shape ``shape`` (one entry per axis).
 
     ``runs`` counts the propagations done, ``plan`` says what was shared and what rerun,
-    ``failures`` lists the points that failed numerically (their values are NaN).
+    ``failures`` lists the points that failed numerically (their values are NaN), ``cached`` counts
+    the runs read from a sweep cache instead of computed.
     """
 
     axes: tuple
@@ -62,6 +64,7 @@ class SweepResult:
     plan: list
     failures: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    cached: int = 0
 
     def __getitem__(self, measure: str) -> np.ndarray:
         return self.values[measure]
@@ -99,14 +102,23 @@ class SweepResult:
     def _meta(self) -> dict:
         return {"kind": "kernelprop sweep", "versions": versions(), **self.meta, "at": self.at,
                 "axes": [a.to_dict() for a in self.axes], "measures": self.measures, "runs": self.runs,
-                "plan": list(self.plan), "failures": list(self.failures)}
+                "plan": list(self.plan), "failures": list(self.failures), "cached": self.cached}
+
+    def to_xarray(self):
+        """An ``xarray.Dataset``: a dimension per axis, a variable per measure (``kernelprop[xarray]``)."""
+        from .labelled import sweep_dataset
+        return sweep_dataset(self)
 
     def write(self, path) -> Path:
         """Write as ``.csv`` (tidy: one column per axis, ``measure``, ``value``), ``.json`` (metadata
-        + the same rows) or ``.npz`` (``axis_names``, ``axis_<name>``, ``values_<measure>`` grids,
-        ``meta`` JSON); atomically, so a failure leaves no file."""
+        + the same rows), ``.npz`` (``axis_names``, ``axis_<name>``, ``values_<measure>`` grids,
+        ``meta`` JSON), or ``.nc``/``.zarr`` (:meth:`to_xarray`); atomically, so a failure leaves no
+        file."""
         path = Path(path)
         suffix = check_format(path)
+        if suffix in (".nc", ".zarr"):
+            from .labelled import save_dataset
+            return save_dataset(self.to_xarray(), path)
         if suffix == ".csv":
             text = _io.StringIO()
             text.write(",".join([*self.names, "measure", "value"]) + "\n")
@@ -163,10 +175,13 @@ def _infer_spacing(vals) -> str:
 
 
 def load(path) -> SweepResult:
-    """Read a sweep written by :meth:`SweepResult.write` (.csv, .json or .npz)."""
+    """Read a sweep written by :meth:`SweepResult.write` (.csv, .json, .npz, .nc or .zarr)."""
     path = Path(path)
     suffix = check_format(path)
     try:
+        if suffix in (".nc", ".zarr"):
+            from .labelled import load_dataset
+            return load_dataset(path)
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 if "axis_names" not in z.files:
@@ -228,4 +243,5 @@ def _result(axes, values, meta) -> SweepResult:
     axes = tuple(a if a.label else dataclasses.replace(a, label=axis_label(a.name)) for a in axes)
     keep = {k: v for k, v in meta.items() if k in ("spec", "input", "depth", "params", "versions")}
     return SweepResult(axes=axes, values=values, at=meta.get("at", "block"), runs=meta.get("runs", 0),
-                       plan=meta.get("plan", []), failures=meta.get("failures", []), meta=keep)
+                       plan=meta.get("plan", []), failures=meta.get("failures", []), meta=keep,
+                       cached=meta.get("cached", 0))
