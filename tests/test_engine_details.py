@@ -110,3 +110,43 @@ def test_gradient_measures_are_read_off_the_gradient_kernel():
     np.testing.assert_allclose(g["grad_q_mean"], diag.mean(1), rtol=1e-14)
     np.testing.assert_allclose(g["grad_q_min"], diag.min(1), rtol=1e-14)
     np.testing.assert_allclose(g["grad_q_max"], diag.max(1), rtol=1e-14)
+
+
+def test_output_gradient_defaults_and_refusals_name_the_field():
+    from kernelprop.kernel import backward as B
+    np.testing.assert_array_equal(B.output_gradient("equicorrelated", 4), np.eye(4))     # ρ defaults to 0
+    with pytest.raises(kp.SpecError) as info:
+        B.output_gradient(np.diag([1.0, -1.0, 1.0]), 3)
+    assert info.value.field == "output_grad" and info.value.allowed == "must be a symmetric PSD 3×3 matrix"
+
+
+def test_backpropagate_reports_progress_from_the_output_down():
+    calls = []
+    kp.backpropagate(Network(block=[Dense()], depth=3), I.identity(3), progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_moment_view_by_hand():
+    """Kedia's moments from the kernels: μ = mean m_i, σ² = mean(Σ_ii − m_i²), r = mean_{i≠j}(Σ_ij − m_i m_j)/σ²
+    within sequences, σ_g² = mean Π_ii, r_g = mean_{i≠j} Π_ij/σ_g²; two sequences of 3 and 2 tokens."""
+    from kernelprop.methods.moments import moment_view
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((5, 12)) + 0.3
+    m = x.mean(1)
+    inp = I.Inputs(x @ x.T / 12, (3, 2), mean=m)
+    g = kp.backpropagate(Network(block=[Dense(weight_var=1.3)], depth=1), inp, output_grad=np.eye(5) + 0.2)
+    view = moment_view(g)
+    for r in range(len(g.labels)):
+        s, mu, pi = g.forward.kernels[r], g.forward.means[r], g.kernels[r]
+        cov = s - np.outer(mu, mu)
+        var = np.mean(np.diag(cov))
+        pairs = [(i, j) for blk in ((0, 1, 2), (3, 4)) for i in blk for j in blk if i != j]
+        per_seq = [np.mean([cov[i, j] for i, j in pairs[:6]]), cov[3, 4]]
+        per_seq_g = [np.mean([pi[i, j] for i, j in pairs[:6]]), pi[3, 4]]
+        assert view["mu"][r] == pytest.approx(np.mean(mu), abs=1e-15)
+        assert view["var"][r] == pytest.approx(var, rel=1e-14)
+        assert view["r"][r] == pytest.approx(np.mean(per_seq) / var, rel=1e-13)
+        assert view["var_g"][r] == pytest.approx(np.mean(np.diag(pi)), rel=1e-14)
+        assert view["r_g"][r] == pytest.approx(np.mean(per_seq_g) / np.mean(np.diag(pi)), rel=1e-13)
+    with pytest.raises(ValueError, match="keep_kernels"):
+        moment_view(kp.backpropagate(Network(block=[Dense()], depth=1), inp, keep_kernels=False))
