@@ -163,6 +163,20 @@ def test_memory_estimate_counts_seeds_tokens_width_and_weights():
     assert ten == 10 * one and one >= 8 * (8 * 4000 + 4 * 10**6)
 
 
+def test_stored_results_count_two_kernels_per_record():
+    """Kept kernels cost their mean and standard error per record: 2·R·N² floats of 8 bytes."""
+    plan = S.plan(Network(block=[Dense(width_factor=4), Dense()], depth=2), 100, (8,), None, None, "explicit")
+    plan.records = 3
+    kept, dropped = plan.stored_bytes(4, 8, 8, True), plan.stored_bytes(4, 8, 8, False)
+    assert kept - dropped == 8 * 2 * 3 * 64 and dropped >= 8 * 4 * 3 * 16
+
+
+def test_a_shape_error_names_the_block_and_layer():
+    with pytest.raises(SpecError, match="multiple of 3") as info:
+        mc.simulate(Network(block=[Dense(), Attention(heads=3)], depth=2), X8, 64, 2)
+    assert info.value.field == "block 1/1:attention.heads"
+
+
 @pytest.mark.parametrize("net, text", [
     (Network(block=[Attention(heads=3)], depth=1), "multiple of 3"),
     (Network(block=[Residual(Dense(width_factor=2))], depth=1), "branch maps width 64 to 128"),
