@@ -9,7 +9,17 @@ import pytest
 import kernelprop as kp
 from kernelprop import inputs as I
 from kernelprop.kernel.maps import Context
-from kernelprop.network.layers import Activation, Attention, Dense, Network, Parallel, Residual, RMSNorm, Scale
+from kernelprop.network.layers import (
+    Activation,
+    Attention,
+    Dense,
+    LayerNorm,
+    Network,
+    Parallel,
+    Residual,
+    RMSNorm,
+    Scale,
+)
 
 WF = dict(values="identity", projection="identity")
 
@@ -150,3 +160,33 @@ def test_moment_view_by_hand():
         assert view["r_g"][r] == pytest.approx(np.mean(per_seq_g) / np.mean(np.diag(pi)), rel=1e-13)
     with pytest.raises(ValueError, match="keep_kernels"):
         moment_view(kp.backpropagate(Network(block=[Dense()], depth=1), inp, keep_kernels=False))
+
+
+def test_a_norm_keeps_a_non_gaussian_stream_non_gaussian():
+    """LayerNorm of ReLU features is not Gaussian: a second activation after it is refused (a Dense layer in
+    between makes it Gaussian again)."""
+    with pytest.raises(kp.NotSupportedError, match="not zero-mean Gaussian"):
+        kp.propagate(Network(block=[Dense(), Activation("relu"), LayerNorm(), Activation("relu")], depth=1),
+                     I.identity(4))
+    kp.propagate(Network(block=[Dense(), Activation("relu"), LayerNorm(), Dense(), Activation("relu")], depth=1),
+                 I.identity(4))
+
+
+@pytest.mark.parametrize("norm", [LayerNorm(gain=1.7, eps=0.05), LayerNorm(gain=1.7, eps=0.05, centre=False),
+                                  RMSNorm(gain=1.7, eps=0.05)], ids=["layernorm", "uncentred", "rmsnorm"])
+def test_a_norm_rescales_the_error_estimate_like_the_kernel(norm):
+    """A norm multiplies every entry by at most g²/min_i(Σᶜ_ii + ε) (Σᶜ centred or not): the quadrature
+    error estimate after it is the one before times that factor."""
+    net = Network(block=[Dense(), Activation("tanh"), norm], depth=1)
+    tr = kp.propagate(net, I.equicorrelated(4, 2.0, 0.3), record="sublayers")
+    before, after = tr["quad_error"][2], tr["quad_error"][3]
+    m = tr.means[2] if getattr(norm, "centre", False) else np.zeros(4)
+    var = np.diag(tr.kernels[2] - np.outer(m, m))
+    assert before > 0
+    assert after == pytest.approx(before * 1.7 ** 2 / (var.min() + 0.05), rel=1e-12, abs=0)
+
+
+def test_zero_variance_at_a_finite_width_norm_says_so():
+    from kernelprop import montecarlo as mc
+    with pytest.raises(kp.NumericalError, match="zero variance entering layernorm"):
+        mc.simulate(Network(block=[Dense(weight_var=0.0), LayerNorm()], depth=1), I.identity(4), 16, 2, dong=False)
