@@ -190,3 +190,28 @@ def test_zero_variance_at_a_finite_width_norm_says_so():
     from kernelprop import montecarlo as mc
     with pytest.raises(kp.NumericalError, match="zero variance entering layernorm"):
         mc.simulate(Network(block=[Dense(weight_var=0.0), LayerNorm()], depth=1), I.identity(4), 16, 2, dong=False)
+
+
+@pytest.mark.parametrize("engine", ["numeric", "symbolic"])
+def test_dropout_breaks_gaussianity_unless_p_is_zero(engine):
+    """Inverted dropout's output is not Gaussian for p > 0, so an activation after it is refused; p = 0 is the
+    identity and changes nothing."""
+    from kernelprop import symbolic as S
+    from kernelprop.network.layers import Dropout
+
+    def run(p):
+        net = Network(block=[Dense(), Dropout(p), Activation("relu")], depth=1)
+        return kp.propagate(net, I.identity(3)) if engine == "numeric" else S.block_map(net, mode="explicit", tokens=3)
+    with pytest.raises(kp.NotSupportedError, match="not zero-mean Gaussian"):
+        run(0.2)
+    run(0.0)
+
+
+def test_dropout_with_p_zero_is_the_identity_at_finite_width():
+    """p = 0 draws no mask: the same seed gives the same network with or without the layer."""
+    from kernelprop import montecarlo as mc
+    from kernelprop.network.layers import Dropout
+    x = I.equicorrelated(4, 1.0, 0.2)
+    a = mc.simulate(Network(block=[Dense(), Dropout(0.0), Dense()], depth=2), x, 16, 3, dong=False, seed=5)
+    b = mc.simulate(Network(block=[Dense(), Dense()], depth=2), x, 16, 3, dong=False, seed=5)
+    np.testing.assert_array_equal(a.kernels[-1], b.kernels[-1])
