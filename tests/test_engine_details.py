@@ -22,6 +22,7 @@ from kernelprop.network.layers import (
 )
 
 WF = dict(values="identity", projection="identity")
+EQ = I.equicorrelated(6, 1.0, 0.2)
 
 
 def causal_mean(t):
@@ -215,3 +216,70 @@ def test_dropout_with_p_zero_is_the_identity_at_finite_width():
     a = mc.simulate(Network(block=[Dense(), Dropout(0.0), Dense()], depth=2), x, 16, 3, dong=False, seed=5)
     b = mc.simulate(Network(block=[Dense(), Dense()], depth=2), x, 16, 3, dong=False, seed=5)
     np.testing.assert_array_equal(a.kernels[-1], b.kernels[-1])
+
+
+def test_parallel_branches_with_diagonal_dependence_and_means():
+    """y = 0.7 x + 0.5 D x + 0.3·1.5 x with D = diag(0.8/sqrt(Σ_ii + 0.1)) (RMSNorm) on tokens with a mean:
+    every map is linear in x, so the second moment is J Σ Jᵀ and the mean J m, J = 1.15 I + 0.5 D."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 16)) + 0.4
+    s, m = x @ x.T / 16, x.mean(1)
+    net = Network(block=[Parallel([RMSNorm(gain=0.8, eps=0.1)], [Scale(1.5)], alpha=0.7, betas=[0.5, 0.3])], depth=1)
+    tr = kp.propagate(net, I.Inputs(s, (5,), mean=m))
+    j = 1.15 * np.eye(5) + 0.5 * np.diag(0.8 / np.sqrt(np.diag(s) + 0.1))
+    np.testing.assert_allclose(tr.kernels[1], j @ s @ j.T, rtol=1e-13)
+    np.testing.assert_allclose(tr.means[1], j @ m, rtol=1e-13)
+
+
+def test_nested_residuals_compose_their_linear_parts():
+    """Residual(Residual(M, α = 0.6, β = 0.5), Scale(1.2), α = 0.9, β = 0.7), M the weight-free causal mean:
+    J = 0.9 I + 0.7·1.2·(0.6 I + 0.5 M); and all-diagonal, Residual(Residual(Scale(2), β = 0.5), β = 0.3):
+    J = (1 + 0.3·(1 + 0.5·2)) I. Both against Σ' = J Σ Jᵀ."""
+    x = I.equicorrelated(5, 1.2, 0.3)
+    m = causal_mean(5)
+    inner = Residual(Attention(causal=True, **WF), alpha=0.6, beta=0.5)
+    tr = kp.propagate(Network(block=[Residual(inner, Scale(1.2), alpha=0.9, beta=0.7)], depth=1), x)
+    j = 0.9 * np.eye(5) + 0.7 * 1.2 * (0.6 * np.eye(5) + 0.5 * m)
+    np.testing.assert_allclose(tr.kernels[1], j @ x.sigma @ j.T, rtol=1e-13)
+    tr = kp.propagate(Network(block=[Residual(Residual(Scale(2.0), beta=0.5), beta=0.3)], depth=1), x)
+    np.testing.assert_allclose(tr.kernels[1], (1 + 0.3 * (1 + 0.5 * 2.0)) ** 2 * x.sigma, rtol=1e-13)
+
+
+def test_a_silenced_multi_head_branch_leaves_no_head_blocks():
+    """A multi-head weight-free mixing with per-head biases splits the stream into head blocks only if its
+    branch weight is non-zero: after β = 0 another such mixing is fine, after β = 0.5 it is refused."""
+    heads = dict(heads=2, bias="alibi", alibi_scale=4.0, **WF)
+    kp.propagate(Network(block=[Residual(Attention(**heads), beta=0.0), Attention(**heads)], depth=1), EQ)
+    with pytest.raises(kp.NotSupportedError, match="head blocks"):
+        kp.propagate(Network(block=[Residual(Attention(**heads), beta=0.5), Attention(**heads)], depth=1), EQ)
+
+
+def test_composite_descriptions_and_their_refusals():
+    from kernelprop.network.layers import Serial
+    assert repr(Serial(Dense(), Activation("relu"))) == f"Serial({Dense()!r}, {Activation('relu')!r})"
+    with pytest.raises(kp.SpecError) as info:
+        Serial(Dense(), "relu")
+    assert info.value.field == "serial.layers[1]" and info.value.allowed == "must be a layer (Dense, Activation, ...)"
+    with pytest.raises(kp.SpecError) as info:
+        Parallel([Dense()], [Dense()], betas=[0.5])
+    assert info.value.field == "parallel.betas"
+    with pytest.raises(kp.SpecError) as info:
+        Parallel([Dense()], [Dense()], betas=[0.5, "bad name!"])
+    assert info.value.field == "parallel.betas[1]"
+
+
+def test_a_centring_branch_on_tokens_with_a_mean_keeps_every_cross_term():
+    """Residual(LayerNorm(g = 0.8, ε = 0.1), α = 0.7, β = 0.5) on tokens with feature means m_i: the branch is
+    D(x_i − m_i 1), D_i = g/sqrt(Σ_ii − m_i² + ε), so with Σᶜ = Σ − m mᵀ
+    Σ'_ij = 0.49 Σ_ij + 0.35 (D_i + D_j) Σᶜ_ij + 0.25 D_i D_j Σᶜ_ij and m' = 0.7 m (the mean terms of the cross
+    kernel: the branch's mean is not its linear part applied to m)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 16)) + np.linspace(-0.8, 0.8, 5)[:, None]
+    s, m = x @ x.T / 16, x.mean(1)
+    tr = kp.propagate(Network(block=[Residual(LayerNorm(gain=0.8, eps=0.1), alpha=0.7, beta=0.5)], depth=1),
+                      I.Inputs(s, (5,), mean=m))
+    c = s - np.outer(m, m)
+    d = 0.8 / np.sqrt(np.diag(c) + 0.1)
+    want = 0.49 * s + 0.35 * (d[:, None] + d[None, :]) * c + 0.25 * np.outer(d, d) * c
+    np.testing.assert_allclose(tr.kernels[1], want, rtol=1e-13)
+    np.testing.assert_allclose(tr.means[1], 0.7 * m, rtol=1e-13)
