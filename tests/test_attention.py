@@ -154,8 +154,9 @@ def test_parallel_weight_free_branches_are_correlated_exactly():
 def test_a_mask_that_empties_a_row_is_a_spec_error():
     bias = np.zeros((4, 4))
     bias[2, :] = -np.inf
-    with pytest.raises(kp.SpecError, match="row 2"):
+    with pytest.raises(kp.SpecError, match="row 2") as info:
         run([Attention(bias=bias)], I.identity(4))
+    assert info.value.field == "attention.bias"
 
 
 def test_standard_scores_reduce_to_uniform_at_zero_score_variance():

@@ -310,13 +310,18 @@ def test_attention_within_stated_tolerance_for_small_scores(var, sq, r, p, t):
 
 def test_attention_dropout_term_missing_from_kedia_variance():
     # With dropout the token-shared part of the output also gains p E ΣA²/(1 − p): Kedia's r' is too
-    # high by ≈ r p/((1 − p) T (r + (1 − r)/(T(1 − p)))) ≈ 0.024 here; the derived correction fits.
+    # high by ≈ r p/((1 − p) T (r + (1 − r)/(T(1 − p)))) ≈ 0.026 here; the derived correction fits.
     kw = dict(width=256, tokens=16, seeds=48, sigma_q=0.1, p=0.3, d_k=32)
     kedia = C.compare("attention", 0.0, 1.0, 0.7, **kw)
     fixed = C.compare("attention", 0.0, 1.0, 0.7, corrected=True, **kw)
     assert kedia.z.r > 8
     assert abs(fixed.z.r) < K
-    assert kedia.formula.r - kedia.simulation.value.r == pytest.approx(0.024, abs=0.004)
+    # the gap itself (measured 0.0241 ± 0.0013) within K·SE of the corrected formula's 0.0249; the leading-order
+    # estimate above is 0.0258, within its O(1/T) remainder (1/16). Before: 0.024 ± 0.004 with no reference.
+    gap, predicted = kedia.formula.r - kedia.simulation.value.r, kedia.formula.r - fixed.formula.r
+    assert abs(gap - predicted) <= K * kedia.simulation.stderr.r
+    r, p, t = 0.7, 0.3, 16
+    assert predicted == pytest.approx(r * p / ((1 - p) * t * (r + (1 - r) / (t * (1 - p)))), rel=0.05)
 
 
 # corrected attention backward, s² ≤ 0.15 rows of docs/components.md: p99 7.8 % (σ_g'²), 0.047 (r_g')
@@ -368,12 +373,51 @@ def test_bad_parameters_raise_spec_error_naming_the_field(call, field):
     assert field in str(info.value)
 
 
+@pytest.mark.parametrize("call,field,shown", [
+    (lambda: C.relu_forward(0.0, 1.0, np.array([0.2, np.inf, 0.1])), "r", [np.inf]),
+    (lambda: C.linear_forward(0.0, np.array([1.0, -2.0, 0.0]), 0.0), "var", [-2.0, 0.0]),
+    (lambda: C.softmax_forward(0.0, 1.0, 0.0, tokens=np.array([4, 2.5, 1])), "tokens", [2.5, 1.0]),
+    (lambda: C.relu_forward(np.array([0.0, np.nan]), 1.0, 0.0), "mu", "nan"),
+    (lambda: C.linear_backward(1.0, np.array([0.0, 2.0]), d_in=8, d_out=8), "r_g", [2.0]),
+    (lambda: C.gelu_backward(1.0, 0.5, var=-1.0, r=0.3), "var", -1.0),
+    (lambda: C.layernorm_backward(1.0, 0.0, var=1.0, r=1.5, width=8, finite_width=True), "r", [1.5]),
+    (lambda: C.simulate("dropout", 0.0, 1.0, -0.15, tokens=8), "r", -0.15),   # −1/6 < r < −1/7: not PSD
+])
+def test_bad_values_are_named_and_shown(call, field, shown):
+    """The SpecError names the argument and shows the offending entries of an array."""
+    with pytest.raises(SpecError) as info:
+        call()
+    assert info.value.field == field
+    if shown == -0.15:
+        assert info.value.allowed == "an equicorrelation of 8 tokens must be >= -1/(T-1) = -0.1429"
+    if shown == "nan":
+        assert np.isnan(info.value.value).all()
+    else:
+        assert np.all(np.asarray(info.value.value) == np.asarray(shown)) and np.size(info.value.value) == np.size(shown)
+
+
+def test_softmax_limits_at_vanishing_logit_variance():
+    """s² → 0: every a_i = 1/T. The mean is exactly 1/T at any variance (the weights sum to 1); backward,
+    E[a_i²(1 − 2a_i + Σ_k a_k²)] → (1 − 1/T)/T² (the corrected form is exact there) and E[a_i²] → 1/T²
+    (the 'full' form); at r_g = 1 nothing reaches the input, r_g' = −1/(T − 1) still."""
+    t = 8
+    assert C.softmax_forward(0.0, 1.0, 0.3, tokens=16)[0] == pytest.approx(1 / 16, rel=1e-15)
+    v, rg = C.softmax_backward(1.0, 0.0, var=1e-12, r=0.0, tokens=t, form="corrected")
+    assert v == pytest.approx((1 - 1 / t) / t ** 2, rel=1e-9) and rg == pytest.approx(-1 / (t - 1), rel=1e-15)
+    full = C.softmax_backward(1.0, 0.0, var=1e-12, r=0.0, tokens=t, form="full")[0]
+    assert full == pytest.approx(1 / t ** 2, rel=1e-9)
+    assert C.softmax_backward(1.0, 1.0, var=1.0, r=0.3, tokens=t) == (0.0, pytest.approx(-1 / (t - 1), rel=1e-15))
+
+
 def test_simulation_is_reproducible_and_replicates_are_independent_of_their_number():
     a = C.simulate("gelu", 0.0, 1.0, 0.3, r_g=0.5, width=32, tokens=8, seeds=6, seed=3)
     b = C.simulate("gelu", 0.0, 1.0, 0.3, r_g=0.5, width=32, tokens=8, seeds=6, seed=3)
     c = C.simulate("gelu", 0.0, 1.0, 0.3, r_g=0.5, width=32, tokens=8, seeds=6, seed=4)
     assert a.value == b.value and a.stderr == b.stderr and a.value != c.value
-    assert a.settings["seeds"] == 6 and a.settings["tokens"] == 8
+    assert a.settings["seeds"] == 6 and a.settings["tokens"] == 8 and a.settings["width"] == 32
+    point = C.compare("gelu", 0.0, 1.0, 0.3, r_g=0.5, width=32, tokens=8, seeds=6, seed=3).point
+    assert {k: point[k] for k in ("mu", "var", "r", "var_g", "r_g", "width", "tokens")} == \
+        {"mu": 0.0, "var": 1.0, "r": 0.3, "var_g": 1.0, "r_g": 0.5, "width": 32, "tokens": 8}
 
 
 def test_moment_errors_normalisation():

@@ -132,6 +132,28 @@ def test_preset_first_blocks_against_a_hand_computation(name):
         np.testing.assert_allclose(tr.kernels[-1], final(s), rtol=1e-11)
 
 
+def test_preset_builders_details():
+    """Defaults and knobs the hand computations above do not reach: the MLP's defaults (ReLU, hidden width 4d,
+    He gain 2), ReZero with a = 0.5 (x + 0.25·f(x) per branch, fresh weights: no cross term), the heads of
+    the SPA presets, CaiT's LayerScale ε schedule, the network's name and the refusal of an unknown preset."""
+    m = presets.mlp()
+    assert (m[0].width_factor, m[1].name, m[2].weight_var) == (4, "relu", 2.0)
+    x = I.equicorrelated(T, 1.3, 0.2)
+    tr = kp.propagate(presets.build("rezero", 6, heads=1, a=0.5), x)
+    s = x.sigma
+    for l in (1, 2):
+        s = s + 0.25 * attn(s)
+        s = s + 0.25 * mlp(s)
+        np.testing.assert_allclose(tr.kernels[l], s, rtol=1e-12, err_msg=f"block {l}")
+    for name in ("e_spa", "u_spa"):
+        assert presets.build(name, 16, heads=2).block.layers[0].heads == 2
+    assert [presets.build("layerscale", d).params["eps"] for d in (18, 19, 24, 25)] == [0.1, 1e-5, 1e-5, 1e-6]
+    assert presets.build("noci", 3).name == "noci (Noci et al. 2022)"
+    with pytest.raises(kp.SpecError) as info:
+        presets.build("resnet", 4)
+    assert info.value.allowed == f"must be one of {sorted(presets.PRESETS)}"
+
+
 def test_every_preset_runs_and_is_listed_with_a_source():
     x = I.equicorrelated(8, 1.0, 0.1)
     for name, p in presets.PRESETS.items():

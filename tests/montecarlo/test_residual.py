@@ -74,3 +74,17 @@ def test_pure_uniform_attention_collapses_the_residual_to_zero():
     sim = mc.simulate(net, I.identity(6), 64, 3)
     assert sim.measures["dong_residual"][0] > 0.5
     assert sim.measures["dong_residual"][1] < 1e-12
+
+
+def test_batched_norms_and_sequences_are_handled_one_by_one():
+    """composite_norm of a stack is the norm of each matrix; dong_residual of two sequences is the mean of
+    each sequence's ‖X − 1cᵀ‖_{1,∞}/‖X‖_{1,∞}, c = residual_centre of that sequence's tokens."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 7, 10)) * np.array([1.0, 4.0, 0.2])[:, None, None]
+    np.testing.assert_allclose(composite_norm(x), [composite_norm(m) for m in x], rtol=1e-15)
+    parts = []
+    for sl in (slice(0, 4), slice(4, 7)):
+        block = x[:, sl, :]
+        centre = residual_centre(block)
+        parts.append(composite_norm(block - centre[:, None, :]) / composite_norm(block))
+    np.testing.assert_allclose(dong_residual(x, (4, 3)), np.mean(parts, axis=0), rtol=1e-12)

@@ -73,12 +73,29 @@ def test_projected_products_have_the_law_of_explicit_weights(init):
 
 
 def test_results_do_not_depend_on_the_batching_of_seeds():
+    """Means and standard errors (batches merged with Chan et al.'s pairwise update) do not depend on
+    how the seeds are batched: 4 seeds in batches of 1, 2 and 4."""
     s = kp.load(_example("parallel"), depth=2)
-    one = mc.simulate(s.network, s.inputs, 64, 4, batch=1, dong=False, seed=7)
-    all_ = mc.simulate(s.network, s.inputs, 64, 4, batch=4, dong=False, seed=7)
-    np.testing.assert_allclose(one.kernels, all_.kernels, rtol=1e-10, atol=1e-13)
-    for k in one.samples:
-        np.testing.assert_allclose(one.samples[k], all_.samples[k], rtol=1e-10, atol=1e-13)
+    runs = [mc.simulate(s.network, s.inputs, 64, 4, batch=b, dong=False, seed=7) for b in (1, 2, 4)]
+    all_ = runs[-1]
+    for one in runs[:-1]:
+        np.testing.assert_allclose(one.kernels, all_.kernels, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(one.kernel_stderr, all_.kernel_stderr, rtol=1e-8, atol=1e-13)
+        for k in one.samples:
+            np.testing.assert_allclose(one.samples[k], all_.samples[k], rtol=1e-10, atol=1e-13)
+
+
+def test_progress_settings_and_a_single_seed():
+    """progress(done, total) counts blocks over every batch; the settings are recorded; one seed has no
+    standard error (NaN), not an error."""
+    net = Network(block=[Dense(), Activation("relu")], depth=3)
+    calls = []
+    sim = mc.simulate(net, I.identity(4), 16, 4, batch=2, every=2, dong=False,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(d, 6) for d in range(1, 7)]
+    assert sim.meta["every"] == 2 and sim.meta["batch"] == 2 and sim.meta["seeds"] == 4
+    one = mc.simulate(net, I.identity(4), 16, 1, dong=False)
+    assert np.isnan(one.stderr["q_mean"]).all() and np.isfinite(one.measures["q_mean"]).all()
 
 
 def test_zero_query_attention_is_exact_at_any_width():
@@ -161,6 +178,20 @@ def test_memory_estimate_counts_seeds_tokens_width_and_weights():
     assert plan.max_width == 4000 and plan.max_weight == 4 * 10**6
     one, ten = plan.batch_bytes(1, 8, 8), plan.batch_bytes(10, 8, 8)
     assert ten == 10 * one and one >= 8 * (8 * 4000 + 4 * 10**6)
+
+
+def test_stored_results_count_two_kernels_per_record():
+    """Kept kernels cost their mean and standard error per record: 2·R·N² floats of 8 bytes."""
+    plan = S.plan(Network(block=[Dense(width_factor=4), Dense()], depth=2), 100, (8,), None, None, "explicit")
+    plan.records = 3
+    kept, dropped = plan.stored_bytes(4, 8, 8, True), plan.stored_bytes(4, 8, 8, False)
+    assert kept - dropped == 8 * 2 * 3 * 64 and dropped >= 8 * 4 * 3 * 16
+
+
+def test_a_shape_error_names_the_block_and_layer():
+    with pytest.raises(SpecError, match="multiple of 3") as info:
+        mc.simulate(Network(block=[Dense(), Attention(heads=3)], depth=2), X8, 64, 2)
+    assert info.value.field == "block 1/1:attention.heads"
 
 
 @pytest.mark.parametrize("net, text", [

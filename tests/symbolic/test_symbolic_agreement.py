@@ -127,6 +127,16 @@ def test_explicit_mode_with_several_sequences_alibi_and_shaped_attention():
     assert_agree(*run_both(net, x, mode="explicit", tokens=(2, 2))[1:])
 
 
+def test_a_branch_through_rmsnorm_and_mixing_keeps_its_exact_cross_term():
+    """Residual(RMSNorm, weight-free causal mixing): the branch is linear in x after the row scaling, so the
+    cross term of the sum is exact in both engines (the RMSNorm passes the dependence on)."""
+    s = np.array([[1.0, 0.3, 0.2, 0.1], [0.3, 1.5, 0.0, 0.1], [0.2, 0.0, 0.8, 0.5], [0.1, 0.1, 0.5, 1.2]])
+    net = Network(block=[Residual(RMSNorm(gain=0.8, eps=0.1), Attention(causal=True, values="identity",
+                                                                         projection="identity"), alpha=0.9, beta=0.7)],
+                  depth=2)
+    assert_agree(*run_both(net, I.gram(s), mode="explicit", tokens=4)[1:])
+
+
 def test_noci_closed_form_trajectory_matches_the_engine_at_depth_50():
     """THEORY §4: x = q(1−ρ) is invariant and the mean entry m grows by (1 + β²σ_v²) per block."""
     spec = kp.loads("""
