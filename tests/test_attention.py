@@ -156,7 +156,7 @@ def test_a_mask_that_empties_a_row_is_a_spec_error():
     bias[2, :] = -np.inf
     with pytest.raises(kp.SpecError, match="row 2") as info:
         run([Attention(bias=bias)], I.identity(4))
-    assert info.value.field == "attention.bias"
+    assert info.value.field == "block 1 · 0:attention.bias"      # the layer's place and the field
 
 
 def test_standard_scores_reduce_to_uniform_at_zero_score_variance():

@@ -37,14 +37,9 @@ def _final(kind, final):
 
 
 def _validate(kind, step, layers, final):
-    if kind not in _KINDS:
-        raise SpecError("attention.spa", kind, f"must be one of {list(_KINDS)}")
-    if not (0 <= step <= layers):
-        raise SpecError("attention.spa_step", step, f"must lie in [0, spa_layers = {layers}]")
-    if kind == "e-spa" and not final > 0:
-        raise SpecError("attention.spa_final", final, "E-SPA needs a final decay γ_L > 0")
-    if kind == "u-spa" and not (0 <= final < 1):
-        raise SpecError("attention.spa_final", final, "U-SPA needs a final correlation ρ_L in [0, 1)")
+    """The spec checks are the engine's (they are not what this module reproduces independently)."""
+    from ..layers.attention.spa import check_schedule
+    check_schedule(kind, step, layers, final)
 
 
 def correlation(kind: str, step: float, layers: float, final=None) -> float:

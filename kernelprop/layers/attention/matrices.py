@@ -377,13 +377,3 @@ def spa_mixing(layer, segments, cache=None) -> Dense:
                 cache[key] = a
         blocks.append(a)
     return Dense(segments, blocks)
-
-
-def spa_realised(layer, t: int) -> np.ndarray:
-    """Signal-preserving attention realised as a network would: ``D softmax(B + M)`` with the
-    location-dependent rescaling ``D`` and bias ``B`` of :func:`kernelprop.methods.spa.softmax_form`
-    (He et al. 2023, §3); seed-independent (zero queries), the same for every head."""
-    from . import spa
-    a = spa.attention_matrix(layer.spa, t, layer.spa_step, layer.spa_layers, layer.spa_final, layer.causal)
-    d, b = spa.softmax_form(a, layer.causal)
-    return d[:, None] * softmax(b.copy())

@@ -26,7 +26,8 @@ def final_value(kind: str, final) -> float:
     return DEFAULT_FINAL[kind] if final is None else float(final)
 
 
-def _check(kind, t, step, layers, final):
+def check_schedule(kind, step, layers, final) -> None:
+    """SpecError unless ``kind``, the step and the final γ_L / ρ_L describe a valid SPA schedule."""
     if kind not in DEFAULT_FINAL:
         raise SpecError("attention.spa", kind, f"must be one of {sorted(DEFAULT_FINAL)}")
     if not (0 <= step <= layers):
@@ -40,7 +41,7 @@ def _check(kind, t, step, layers, final):
 def target_kernel(kind: str, t: int, step: float, layers: float, final=None) -> np.ndarray:
     """``Σ_step`` of the schedule (``Σ_0 = I``)."""
     final = final_value(kind, final)
-    _check(kind, t, step, layers, final)
+    check_schedule(kind, step, layers, final)
     if step == 0:
         return np.eye(t)
     if kind == "e-spa":
