@@ -28,8 +28,6 @@ from scipy import linalg
 
 from ..errors import SpecError
 
-_KINDS = ("e-spa", "u-spa")
-
 
 def _final(kind, final):
     from ..layers.attention.spa import DEFAULT_FINAL  # the spec's default, not a computation
