@@ -106,7 +106,8 @@ def test_builder_knob_and_shared_depths():
 
 
 def test_unused_param_is_computed_once():
-    net = Network(block=pre_ln_block(0.5), depth=3, params={"unused": 1.0})
+    with pytest.warns(UserWarning, match="unused"):          # a param no field uses is warned about
+        net = Network(block=pre_ln_block(0.5), depth=3, params={"unused": 1.0})
     res = sweep(net, X, {"unused": [1.0, 2.0, 3.0]})
     assert res.runs == 1 and np.all(res["cos_mean"] == res["cos_mean"][0])
     assert "used by no expression" in " ".join(res.plan)
