@@ -290,7 +290,15 @@ def compare(
         from kernelprop import io, models, report
         if output is not None:
             io.check_format(output, (".csv",), "compare")
-        trajs = models.compare(names, depth, measure=measure, options=options)
+
+        def each(callback):   # one preset at a time, so that the bar advances per preset
+            trajs = {}
+            for k, name in enumerate(names):
+                trajs.update(models.compare([name], depth, measure=measure, options=options))
+                if callback is not None:
+                    callback(k + 1, len(names))
+            return trajs
+        trajs = _with_progress(each, len(names), "comparing")
         picked = report.depth_rows(trajs[names[0]], rows)
         title = f"{measure} against depth, {options.inputs().description}"
         _show(report.comparison_table(trajs, measure, picked, title=title, names=names, width=out.width,

@@ -54,10 +54,12 @@ SHORT = {  # every command that takes a progress callback, at a size that runs i
     "simulate": ["simulate", "vanilla", "-L", "3", "-d", "64", "-S", "2", "--no-dong"],
     "check": ["check", "vanilla", "-L", "2", "-d", "80", "-S", "4"],
     "sweep": ["sweep", "relu_mlp", "--param", "L=1:3:3", "--no-figure"],
+    "compare": ["compare", "noci", "sas", "-L", "3"],
 }
 HIDE_CURSOR = "\x1b[?25l"   # a live display starts with it
 LABELS = {"run": "propagating", "gradients": "backpropagating", "moments": "backpropagating",
-          "simulate": "simulating", "check": "checking", "sweep": "sweeping"}
+          "simulate": "simulating", "check": "checking", "sweep": "sweeping",
+          "compare": "comparing"}
 
 
 @pytest.mark.parametrize("name", sorted(SHORT))
