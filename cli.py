@@ -110,7 +110,7 @@ def _preset_options(named: bool = True, scores_alias: bool = True):
         options.append(("scores_alias", Optional[str], O(None, "--scores", hidden=True,
                                                          help="Former name of --preset-scores.")))
     if named:
-        options.insert(0, ("name", Optional[str], O(None, "--preset", "-p",
+        options.insert(0, ("name", Optional[str], O(None, "--preset", "-p", autocompletion=_complete_preset,
                                                     help="Run a named preset instead of a spec "
                                                          "(see `kernelprop presets`).")))
 
@@ -140,6 +140,24 @@ def _preset_options(named: bool = True, scores_alias: bool = True):
     return decorate
 
 
+def _complete_spec(incomplete: str) -> list[str]:
+    """Tab completion of SPEC: the bundled examples and the .toml files that start with ``incomplete``."""
+    from kernelprop.models import examples
+    files = sorted(str(p) for p in Path().glob(f"{incomplete}*.toml") if p.is_file())
+    return [name for name in examples() if name.startswith(incomplete)] + files
+
+
+def _complete_preset(incomplete: str) -> list[str]:
+    """Tab completion of --preset NAME."""
+    from kernelprop.methods.presets import PRESETS
+    return [name for name in sorted(PRESETS) if name.startswith(incomplete)]
+
+
+def _complete_example(incomplete: str) -> list[str]:
+    from kernelprop.models import examples
+    return [name for name in examples() if name.startswith(incomplete)]
+
+
 def _load(spec, preset, options, depth, set_):
     """The Spec of SPEC (a file or bundled example) or of --preset NAME."""
     from kernelprop import models
@@ -159,7 +177,8 @@ def _spec_or_preset(spec, preset):
 @app.command()
 @_preset_options()
 def run(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     config: Optional[Path] = typer.Option(None, "--config", help="Run a Hugging Face config.json instead of a spec "
                                           "(as `import-config` writes it; input: --tokens, --rho)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results: .json, .csv or .npz."),
@@ -201,7 +220,8 @@ def run(
 @app.command()
 @_preset_options()
 def gradients(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
     output_grad: str = typer.Option("identity", help="Output gradient kernel: identity or equicorrelated."),
@@ -240,7 +260,8 @@ def gradients(
 @app.command()
 @_preset_options()
 def moments(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
     rows: int = typer.Option(16, help="Rows of the printed summary."),
@@ -278,7 +299,8 @@ def presets():
 @app.command()
 @_preset_options(named=False)
 def compare(
-    names: List[str] = typer.Argument(..., help="Presets to compare (see `kernelprop presets`)."),
+    names: List[str] = typer.Argument(..., help="Presets to compare (see `kernelprop presets`).",
+                                      autocompletion=_complete_preset),
     depth: int = typer.Option(48, "--depth", "-L", help="Depth of every preset."),
     measure: str = typer.Option("cos_mean", "--measure", "-m", help="Measure to tabulate (see docs/formats.md)."),
     rows: int = typer.Option(16, help="Rows (depths) of the printed table; the file gets every depth."),
@@ -347,7 +369,8 @@ def spec_reference():
 
 @app.command()
 def examples(
-    show: Optional[str] = typer.Option(None, "--show", help="Print the bundled example NAME (TOML) to start from: "
+    show: Optional[str] = typer.Option(None, "--show", autocompletion=_complete_example,
+                                       help="Print the bundled example NAME (TOML) to start from: "
                                        "`kernelprop examples --show pre_ln > my.toml`; where it lives goes to stderr."),
 ):
     """List the bundled example specs, or print one (--show NAME)."""
@@ -370,7 +393,8 @@ def examples(
 @app.command()
 @_preset_options(scores_alias=False)
 def simulate(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     width: int = typer.Option(256, "--width", "-d", help="Model width d (hidden widths are width_factor·d)."),
     seeds: int = typer.Option(16, "--seeds", "-S", help="Independent initialisations to average over."),
     init: Optional[str] = typer.Option(None, help="Override every weight: gaussian | orthogonal."),
@@ -420,7 +444,8 @@ class _GradientOptions(TypedDict, total=False):
 @app.command()
 @_preset_options(scores_alias=False)
 def check(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     width: int = typer.Option(256, "--width", "-d", help="Model width d of the simulation."),
     seeds: int = typer.Option(32, "--seeds", "-S", help="Seeds per width."),
     alpha: float = typer.Option(0.01, help="Family-wise false-alarm rate of the verdict."),
@@ -475,7 +500,8 @@ def check(
 
 @app.command()
 def symbolic(
-    spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example."),
+    spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     explicit: Optional[int] = typer.Option(None, "--explicit", "-T", help="Explicit T×T kernels for T tokens "
                                            "(small T) instead of (q, ρ)."),
     latex: bool = typer.Option(False, "--latex", help="Print LaTeX instead of text."),
@@ -525,7 +551,8 @@ def _explicit_fallback(error, spec, explicit) -> Optional[int]:
 @app.command("sweep")
 @_preset_options()
 def sweep_command(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     param: List[str] = typer.Option([], "--param", help="NAME=START:STOP:N (N points) or NAME=V1,V2,…; NAME is a "
                                     "param of the spec, a preset knob, or L (depth). Append :log or :lin to a range "
                                     "to choose its spacing. Once or twice."),

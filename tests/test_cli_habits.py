@@ -191,3 +191,17 @@ def test_measure_has_the_short_flag_everywhere():
         assert re.search(r"--measure\s+-m", text), command
     res = runner.invoke(app, ["compare", "noci", "sas", "-L", "3", "-m", "cos_mean"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("words,expected", [
+    ("kernelprop sim", ["simulate"]),
+    ("kernelprop run pre", ["pre_ln"]),
+    ("kernelprop run --preset no", ["noci"]),
+    ("kernelprop compare sa", ["sas", "sas_p"]),
+    ("kernelprop examples --show ll", ["llama"]),
+])
+def test_completion_offers_commands_examples_and_presets(words, expected):
+    env = {"_KERNELPROP_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+    res = runner.invoke(app, [], prog_name="kernelprop", env=env)
+    assert res.exit_code == 0
+    assert res.stdout.split() == expected
