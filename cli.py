@@ -142,8 +142,10 @@ def _preset_options(named: bool = True, scores_alias: bool = True):
 
 def _complete_spec(incomplete: str) -> list[str]:
     """Tab completion of SPEC: the bundled examples and the .toml files that start with ``incomplete``."""
+    import glob
+
     from kernelprop.models import examples
-    files = sorted(str(p) for p in Path().glob(f"{incomplete}*.toml") if p.is_file())
+    files = sorted(p for p in glob.glob(f"{glob.escape(incomplete)}*.toml") if Path(p).is_file())
     return [name for name in examples() if name.startswith(incomplete)] + files
 
 

@@ -205,3 +205,14 @@ def test_completion_offers_commands_examples_and_presets(words, expected):
     res = runner.invoke(app, [], prog_name="kernelprop", env=env)
     assert res.exit_code == 0
     assert res.stdout.split() == expected
+
+
+def test_spec_completion_offers_toml_files_too(tmp_path, monkeypatch):
+    (tmp_path / "mine.toml").write_text("")
+    (tmp_path / "mine.json").write_text("")
+    (tmp_path / "pre_ln_copy.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert cli._complete_spec("mi") == ["mine.toml"]
+    assert cli._complete_spec("pre") == ["pre_ln", "pre_ln_copy.toml"]
+    assert cli._complete_spec(str(tmp_path / "m")) == [str(tmp_path / "mine.toml")]
+    assert cli._complete_spec("[") == []
