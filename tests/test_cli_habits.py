@@ -216,3 +216,20 @@ def test_spec_completion_offers_toml_files_too(tmp_path, monkeypatch):
     assert cli._complete_spec("pre") == ["pre_ln", "pre_ln_copy.toml"]
     assert cli._complete_spec(str(tmp_path / "m")) == [str(tmp_path / "mine.toml")]
     assert cli._complete_spec("[") == []
+
+
+# ---- notebooks say how long they take and how to run them fast -----------------------------------------------
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_states_its_run_time_and_the_fast_switch(path):
+    import json
+    first = json.loads(path.read_text(encoding="utf-8"))["cells"][0]
+    assert first["cell_type"] == "markdown"
+    m = re.search(r"Run time: about (\d+) s at full settings on a 2-core machine; KERNELPROP_FAST=1 runs a smaller "
+                  r"version in about (\d+) s", "".join(first["source"]).replace("\n", " "))
+    assert m, "the first markdown cell states the run time"
+    full, fast = int(m[1]), int(m[2])
+    assert full <= 300 and fast <= full
