@@ -390,6 +390,8 @@ def examples(
         return
     for name, path in models.examples().items():
         out.print(f"[bold]{_safe(name):10s}[/bold] {_safe(load(path).network.name)}", highlight=False)
+    err.print(f"[dim]bundled in {_safe(models.EXAMPLES)}; `kernelprop examples --show NAME > my.toml` copies one "
+              "to start from[/dim]", highlight=False, soft_wrap=True)
 
 
 @app.command()

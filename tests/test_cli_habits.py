@@ -233,3 +233,11 @@ def test_notebook_states_its_run_time_and_the_fast_switch(path):
     assert m, "the first markdown cell states the run time"
     full, fast = int(m[1]), int(m[2])
     assert full <= 300 and fast <= full
+
+
+def test_examples_listing_says_where_they_live_and_how_to_copy_one():
+    res = runner.invoke(app, ["examples"])
+    assert res.exit_code == 0
+    names = [line.split()[0] for line in res.stdout.splitlines()]
+    assert names == list(examples()) and "pre_ln" in names
+    assert "--show NAME" in res.stderr and str(examples()["pre_ln"].parent) in res.stderr
