@@ -13,15 +13,35 @@ from typing import Any, List, Optional, TypedDict
 import typer
 from rich.console import Console
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   help="Infinite-width signal propagation through deep transformers at initialisation.")
 out = Console()
 err = Console(stderr=True)
 
 
+def _version() -> str:
+    """The installed distribution's version, else the imported package's."""
+    from importlib import metadata
+    try:
+        return metadata.version("kernelprop")
+    except metadata.PackageNotFoundError:
+        from kernelprop import __version__
+        return __version__
+
+
+def _print_version(value: bool):
+    if value:
+        typer.echo(f"kernelprop {_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _consoles():
-    """(Re)open the consoles at each invocation, so that they take the width (COLUMNS) of this one."""
+def _consoles(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Infinite-width signal propagation through deep transformers at initialisation."""
+    # (re)open the consoles at each invocation, so that they take the width (COLUMNS) of this one
     global out, err
     out, err = Console(), Console(stderr=True)
     import warnings
@@ -71,24 +91,28 @@ def _errors():
         raise typer.Exit(1) from None
 
 
-def _preset_options(scores_flag: str = "--scores", named: bool = True):
+def _preset_options(named: bool = True, scores_alias: bool = True):
     """Add the preset options to a command, passed to it as ``preset`` (the --preset NAME or None) and
     ``options`` (:class:`kernelprop.models.PresetOptions`).
 
-    ``scores_flag``: the option name of the preset's attention scores (``--preset-scores`` where
-    ``--scores`` already overrides the simulation's). ``named=False``: the options only (no ``--preset``)."""
+    The preset's attention scores are ``--preset-scores`` in every command; ``scores_alias`` keeps
+    ``--scores``, their former name, as a hidden alias (not where ``--scores`` sets the simulation's).
+    ``named=False``: the options only (no ``--preset``)."""
     O = typer.Option
     options: list[tuple[str, object, Any]] = [
         ("tokens", int, O(32, "--tokens", help="Preset input: tokens T.")),
         ("rho", float, O(0.1, "--rho", help="Preset input: correlation of distinct tokens.")),
         ("heads", int, O(4, "--heads", help="Preset: attention heads.")),
         ("causal", bool, O(True, "--causal/--bidirectional", help="Preset: causal mask.")),
-        ("scores", str, O("uniform", scores_flag,
+        ("scores", str, O("uniform", "--preset-scores",
                           help="Preset: attention scores, uniform (zero queries), tied or standard.")),
         ("activation", str, O("relu", "--activation", help="Preset: MLP activation.")),
     ]
+    if scores_alias:
+        options.append(("scores_alias", Optional[str], O(None, "--scores", hidden=True,
+                                                         help="Former name of --preset-scores.")))
     if named:
-        options.insert(0, ("name", Optional[str], O(None, "--preset", "-p",
+        options.insert(0, ("name", Optional[str], O(None, "--preset", "-p", autocompletion=_complete_preset,
                                                     help="Run a named preset instead of a spec "
                                                          "(see `kernelprop presets`).")))
 
@@ -101,6 +125,12 @@ def _preset_options(scores_flag: str = "--scores", named: bool = True):
         def wrapper(*args, **kwargs):
             from kernelprop.models import PresetOptions
             knobs = {name: kwargs.pop(f"preset_{name}") for name, _, _ in options}
+            alias = knobs.pop("scores_alias", None)
+            if alias is not None:
+                if knobs["scores"] not in ("uniform", alias):
+                    raise typer.BadParameter(f"--scores {alias} is the former name of --preset-scores, which says "
+                                             f"{knobs['scores']}: give one of them", param_hint="'--scores'")
+                knobs["scores"] = alias
             if named:
                 kwargs["preset"] = knobs.pop("name")
             return command(*args, options=PresetOptions(**knobs), **kwargs)
@@ -110,6 +140,26 @@ def _preset_options(scores_flag: str = "--scores", named: bool = True):
                                             + extra)
         return wrapper
     return decorate
+
+
+def _complete_spec(incomplete: str) -> list[str]:
+    """Tab completion of SPEC: the bundled examples and the .toml files that start with ``incomplete``."""
+    import glob
+
+    from kernelprop.models import examples
+    files = sorted(p for p in glob.glob(f"{glob.escape(incomplete)}*.toml") if Path(p).is_file())
+    return [name for name in examples() if name.startswith(incomplete)] + files
+
+
+def _complete_preset(incomplete: str) -> list[str]:
+    """Tab completion of --preset NAME."""
+    from kernelprop.methods.presets import PRESETS
+    return [name for name in sorted(PRESETS) if name.startswith(incomplete)]
+
+
+def _complete_example(incomplete: str) -> list[str]:
+    from kernelprop.models import examples
+    return [name for name in examples() if name.startswith(incomplete)]
 
 
 def _load(spec, preset, options, depth, set_):
@@ -131,7 +181,8 @@ def _spec_or_preset(spec, preset):
 @app.command()
 @_preset_options()
 def run(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     config: Optional[Path] = typer.Option(None, "--config", help="Run a Hugging Face config.json instead of a spec "
                                           "(as `import-config` writes it; input: --tokens, --rho)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results: .json, .csv, .npz, or "
@@ -180,7 +231,8 @@ def run(
 @app.command()
 @_preset_options()
 def gradients(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
     output_grad: str = typer.Option("identity", help="Output gradient kernel: identity or equicorrelated."),
@@ -203,7 +255,8 @@ def gradients(
         if output is not None:
             io.check_format(output, (".csv",), "gradients")
         g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, output_grad=output_grad,
-                                                   rho=grad_rho, keep_kernels=False, progress=cb), s.network.depth)
+                                                   rho=grad_rho, keep_kernels=False, progress=cb), s.network.depth,
+                           "backpropagating")
         report.check_gradients(g)
         table = report.gradients_table(g, most=rows, title=f"gradients — {s.network.name or spec}, depth "
                                        f"{s.network.depth}; per-block parameter gradients ‖∂W‖²/d by kind",
@@ -218,7 +271,8 @@ def gradients(
 @app.command()
 @_preset_options()
 def moments(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Override the depth."),
     set_: List[str] = typer.Option([], "--set", help="Override a param or preset knob: NAME=NUMBER (repeatable)."),
     rows: int = typer.Option(16, help="Rows of the printed summary."),
@@ -234,7 +288,8 @@ def moments(
         s = _load(spec, preset, options, depth, set_)
         if output is not None:
             io.check_format(output, (".csv",), "moments")
-        g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, progress=cb), s.network.depth)
+        g = _with_progress(lambda cb: backpropagate(s.network, s.inputs, progress=cb), s.network.depth,
+                           "backpropagating")
         mv = moment_view(g)
         report.check_gradients(g)
         _show(report.moments_table(g, mv, most=rows, title=f"moments — {s.network.name or spec}, depth "
@@ -255,9 +310,10 @@ def presets():
 @app.command()
 @_preset_options(named=False)
 def compare(
-    names: List[str] = typer.Argument(..., help="Presets to compare (see `kernelprop presets`)."),
+    names: List[str] = typer.Argument(..., help="Presets to compare (see `kernelprop presets`).",
+                                      autocompletion=_complete_preset),
     depth: int = typer.Option(48, "--depth", "-L", help="Depth of every preset."),
-    measure: str = typer.Option("cos_mean", help="Measure to tabulate (see docs/formats.md)."),
+    measure: str = typer.Option("cos_mean", "--measure", "-m", help="Measure to tabulate (see docs/formats.md)."),
     rows: int = typer.Option(16, help="Rows (depths) of the printed table; the file gets every depth."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the comparison at every depth as .csv."),
     options=None,
@@ -267,7 +323,15 @@ def compare(
         from kernelprop import io, models, report
         if output is not None:
             io.check_format(output, (".csv",), "compare")
-        trajs = models.compare(names, depth, measure=measure, options=options)
+
+        def each(callback):   # one preset at a time, so that the bar advances per preset
+            trajs = {}
+            for k, name in enumerate(names):
+                trajs.update(models.compare([name], depth, measure=measure, options=options))
+                if callback is not None:
+                    callback(k + 1, len(names))
+            return trajs
+        trajs = _with_progress(each, len(names), "comparing")
         picked = report.depth_rows(trajs[names[0]], rows)
         title = f"{measure} against depth, {options.inputs().description}"
         _show(report.comparison_table(trajs, measure, picked, title=title, names=names, width=out.width,
@@ -277,13 +341,15 @@ def compare(
             err.print(f"wrote {_safe(output)}", highlight=False)
 
 
-def _with_progress(job, total):
-    if total < 200 or not err.is_terminal:
+def _with_progress(job, total, label="propagating"):
+    """``job(callback)`` with a transient progress bar on stderr at any depth, if stderr is a terminal;
+    ``job(None)`` otherwise (nothing in pipes and logs). The callback takes ``(done, total)``."""
+    if not err.is_terminal:
         return job(None)
     from rich.progress import Progress
     with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("propagating", total=total)
-        return job(lambda done, _: bar.update(task, completed=done))
+        task = bar.add_task(label, total=total)
+        return job(lambda done, of=None: bar.update(task, completed=done, total=of or total))
 
 
 @app.command("import-config")
@@ -313,17 +379,35 @@ def spec_reference():
 
 
 @app.command()
-def examples():
-    """List the bundled example specs."""
+def examples(
+    show: Optional[str] = typer.Option(None, "--show", autocompletion=_complete_example,
+                                       help="Print the bundled example NAME (TOML) to start from: "
+                                       "`kernelprop examples --show pre_ln > my.toml`; where it lives goes to stderr."),
+):
+    """List the bundled example specs, or print one (--show NAME)."""
     from kernelprop import load, models
+    if show is not None:
+        with _errors():
+            bundled = models.examples()
+            name = show.removesuffix(".toml")
+            if name not in bundled:
+                from kernelprop.errors import SpecError
+                raise SpecError("--show", show, f"must be a bundled example: {', '.join(bundled)}")
+            err.print(f"[dim]# bundled example {_safe(name)}: {_safe(bundled[name])}[/dim]", highlight=False,
+                      soft_wrap=True)
+            typer.echo(bundled[name].read_text(encoding="utf-8"), nl=False)
+        return
     for name, path in models.examples().items():
         out.print(f"[bold]{_safe(name):10s}[/bold] {_safe(load(path).network.name)}", highlight=False)
+    err.print(f"[dim]bundled in {_safe(models.EXAMPLES)}; `kernelprop examples --show NAME > my.toml` copies one "
+              "to start from[/dim]", highlight=False, soft_wrap=True)
 
 
 @app.command()
-@_preset_options(scores_flag="--preset-scores")
+@_preset_options(scores_alias=False)
 def simulate(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     width: int = typer.Option(256, "--width", "-d", help="Model width d (hidden widths are width_factor·d)."),
     seeds: int = typer.Option(16, "--seeds", "-S", help="Independent initialisations to average over."),
     init: Optional[str] = typer.Option(None, help="Override every weight: gaussian | orthogonal."),
@@ -353,7 +437,8 @@ print seed means ± standard errors."""
         sim = _with_progress(lambda cb: mc.simulate(
             s.network, s.inputs, width, seeds, init=init, input_kind=inputs, scores=scores, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
-            keep_kernels=output is not None and output.suffix == ".npz", dong=dong, progress=cb), s.network.depth)
+            keep_kernels=output is not None and output.suffix == ".npz", dong=dong, progress=cb), s.network.depth,
+            "simulating")
         title = _safe(f"{s.network.name or spec} — width {width}, {seeds} seeds, {s.inputs.description}")
         _show(simulation_table(sim, most=rows, title=title))
         if output is not None:
@@ -370,9 +455,10 @@ class _GradientOptions(TypedDict, total=False):
 
 
 @app.command()
-@_preset_options(scores_flag="--preset-scores")
+@_preset_options(scores_alias=False)
 def check(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     width: int = typer.Option(256, "--width", "-d", help="Model width d of the simulation."),
     seeds: int = typer.Option(32, "--seeds", "-S", help="Seeds per width."),
     alpha: float = typer.Option(0.01, help="Family-wise false-alarm rate of the verdict."),
@@ -410,7 +496,7 @@ def check(
         cmp, *_ = _with_progress(lambda cb: mc.check(
             s.network, s.inputs, width, seeds, extrapolate=extrapolate, alpha=alpha, seed=seed,
             record="sublayers" if sublayers else s.record["mode"], every=every or s.record["every"],
-            init=init, input_kind=inputs, scores=scores, progress=cb, **extra), s.network.depth)
+            init=init, input_kind=inputs, scores=scores, progress=cb, **extra), s.network.depth, "checking")
         title = _safe(f"{s.network.name or spec} — theory vs simulation, {s.inputs.description}")
         if all_rows:
             _show(rows_table(cmp))
@@ -427,7 +513,8 @@ def check(
 
 @app.command()
 def symbolic(
-    spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example."),
+    spec: str = typer.Argument(..., help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     explicit: Optional[int] = typer.Option(None, "--explicit", "-T", help="Explicit T×T kernels for T tokens "
                                            "(small T) instead of (q, ρ)."),
     latex: bool = typer.Option(False, "--latex", help="Print LaTeX instead of text."),
@@ -442,17 +529,43 @@ def symbolic(
     with _errors():
         from kernelprop import models
         from kernelprop import symbolic as sym
+        from kernelprop.errors import NotSupportedError
         s = models.load(spec, depth=depth, overrides=set_)
-        d = sym.derive(s, tokens=explicit, symbols=symbol, opaque=opaque)
+        try:
+            d = sym.derive(s, tokens=explicit, symbols=symbol, opaque=opaque)
+        except NotSupportedError as e:
+            tokens = _explicit_fallback(e, s, explicit)
+            if tokens is None:
+                raise
+            err.print(f"[yellow]note:[/yellow] causal attention does not preserve equicorrelation, so this is the "
+                      f"explicit mode with T = {tokens} tokens (the spec has {s.inputs.n_tokens}); "
+                      f"--explicit T sets T (the derivation's time grows quickly with T)", highlight=False)
+            d = sym.derive(s, tokens=tokens, symbols=symbol, opaque=opaque)
         text = sym.render_code(d) if code else sym.render_latex(d) if latex else sym.render_text(d)
         from kernelprop.report import printable
         out.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
+_AUTO_TOKENS = 3    # the explicit mode's token count when `symbolic` picks it (T = 3: a few seconds for pre_ln)
+
+
+def _explicit_fallback(error, spec, explicit) -> Optional[int]:
+    """The token count of the explicit mode when the equicorrelated mode refused ``spec`` only because
+    its attention is causal (no --explicit given), else None: min(spec's T, 3) for identity and
+    equicorrelated inputs (the explicit mode may shrink them), the spec's T if other inputs have at most 3."""
+    if explicit is not None or "does not preserve equicorrelation" not in str(error):
+        return None
+    n = spec.inputs.n_tokens
+    if spec.raw.get("input", {}).get("kind") in ("identity", "equicorrelated"):
+        return min(n, _AUTO_TOKENS)
+    return n if n <= _AUTO_TOKENS else None
+
+
 @app.command("sweep")
 @_preset_options()
 def sweep_command(
-    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example."),
+    spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
+                                         autocompletion=_complete_spec),
     param: List[str] = typer.Option([], "--param", help="NAME=START:STOP:N (N points) or NAME=V1,V2,…; NAME is a "
                                     "param of the spec, a preset knob, or L (depth). Append :log or :lin to a range "
                                     "to choose its spacing. Once or twice."),
@@ -566,7 +679,7 @@ def plot_command(
 
 
 def main():
-    app()
+    app(prog_name="kernelprop")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ def test_cli_latex_and_code(tmp_path):
     assert rho1 == pytest.approx((np.sqrt(1 - 0.09) + (np.pi - np.arccos(0.3)) * 0.3) / np.pi, rel=1e-15)
 
 
-def test_cli_refuses_causal_attention_in_the_q_rho_mode_and_solves_it_explicitly():
-    res = runner.invoke(app, ["symbolic", "vanilla"])
-    assert res.exit_code == 2
-    assert "causal attention does not preserve equicorrelation" in res.output and "--explicit" in res.output
+def test_cli_turns_to_the_explicit_mode_for_causal_attention_and_solves_it_explicitly():
+    res = runner.invoke(app, ["symbolic", "vanilla"])   # the (q, ρ) mode refuses: 3 tokens, with a note
+    assert res.exit_code == 0, res.output
+    assert "causal attention does not preserve equicorrelation" in res.stderr and "--explicit" in res.stderr
+    assert "explicit kernel of 3 tokens" in res.stdout
     res = runner.invoke(app, ["symbolic", "vanilla", "--explicit", "3", "--depth", "4"])
     assert res.exit_code == 0, res.output
     assert "explicit kernel of 3 tokens" in res.stdout and "S_1_3' = (S_1_1 + S_1_2 + S_1_3)/3" in res.stdout
