@@ -196,8 +196,11 @@ def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", r
         vals = [rows[i][name] for i in order]
         measures[name] = np.array(vals) if np.ndim(vals[0]) == 0 else np.stack(vals)
     recs = [records[i] for i in order]
-    return GradientTrajectory(labels=[r.label for r in recs], blocks=np.array([r.block for r in recs]),
-                              measures=measures, grads=grads[::-1],
-                              kernels=np.stack([kernels[i] for i in order]) if keep_kernels else None,
-                              forward=fwd, records=recs)
+    g = GradientTrajectory(labels=[r.label for r in recs], blocks=np.array([r.block for r in recs]),
+                           measures=measures, grads=grads[::-1],
+                           kernels=np.stack([kernels[i] for i in order]) if keep_kernels else None,
+                           forward=fwd, records=recs)
+    from ..report import check_gradients
+    check_gradients(g)      # a gradient measure that is not finite is an error naming the record, never a NaN
+    return g
 
