@@ -67,6 +67,17 @@ def _errors():
     except NumericalError as e:
         err.print(f"[red]numerical failure:[/red] {_safe(e)}", highlight=False)
         raise typer.Exit(1) from None
+    except UnicodeDecodeError as e:     # a binary or non-UTF-8 spec, config or table
+        err.print(f"[red]spec error:[/red] an input file is not UTF-8 text ({_safe(e.reason)} at byte {e.start})",
+                  highlight=False)
+        raise typer.Exit(2) from None
+    except RecursionError:              # e.g. a TOML document nested thousands of levels deep
+        err.print("[red]spec error:[/red] the input nests too deeply to be read", highlight=False)
+        raise typer.Exit(2) from None
+    except MemoryError:
+        err.print("[red]out of memory:[/red] the computation does not fit in memory; reduce the number of "
+                  "tokens or the depth", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _preset_options(scores_flag: str = "--scores", named: bool = True):
@@ -259,6 +270,11 @@ def compare(
         if output is not None:
             io.check_format(output, (".csv",), "compare")
         trajs = models.compare(names, depth, measure=measure, options=options)
+        first = trajs[names[0]].measures.get(measure)
+        if first is not None and len(first) and getattr(first[0], "ndim", 0):
+            from kernelprop.errors import SpecError
+            raise SpecError("--measure", measure, "is a per-position profile; compare tabulates one number per "
+                            "depth (e.g. cos_mean, cos_min, q_mean)")
         picked = report.depth_rows(trajs[names[0]], rows)
         title = f"{measure} against depth, {options.inputs().description}"
         _show(report.comparison_table(trajs, measure, picked, title=title, names=names, width=out.width,
@@ -534,8 +550,14 @@ def plot_command(
         from kernelprop.io.results import atomic_write
         from kernelprop.plotting import plot_files, render, style
         fmt = style.check_format(output, "output")
-        fig = plot_files(results, kind=kind, measure=measure, depths=depths, logx=logx, logy=logy,
-                         labels=label or None, x=x, position=position)
+        try:
+            fig = plot_files(results, kind=kind, measure=measure, depths=depths, logx=logx, logy=logy,
+                             labels=label or None, x=x, position=position)
+        except IndexError as exc:
+            if position is None:
+                raise
+            from kernelprop.errors import SpecError
+            raise SpecError("--position", position, f"is not a token position of this result ({exc})") from None
         atomic_write(output, render(fig, fmt))
         err.print(f"wrote {_safe(output)}", highlight=False)
 
