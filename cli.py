@@ -48,6 +48,7 @@ _FLAGS = {
     "seed": "--seed", "init": "--init", "input_kind": "--inputs", "scores": "--scores", "alpha": "--alpha",
     "symbols": "--symbol", "param": "--param", "at": "--at", "kind": "--kind", "labels": "--label",
     "depths": "--depths", "position": "--position", "x": "--x", "path": "RESULT", "paths": "RESULT",
+    **{f"options.{k}": f"--{k}" for k in ("tokens", "rho", "heads", "scores", "activation")},
 }
 
 
@@ -112,7 +113,9 @@ def _preset_options(scores_flag: str = "--scores", named: bool = True):
             knobs = {name: kwargs.pop(f"preset_{name}") for name, _, _ in options}
             if named:
                 kwargs["preset"] = knobs.pop("name")
-            return command(*args, options=PresetOptions(**knobs), **kwargs)
+            with _errors():        # the preset knobs are checked here, before the command's own wrapper
+                chosen = PresetOptions(**knobs)
+            return command(*args, options=chosen, **kwargs)
 
         hidden = ("preset", "options")
         wrapper.__signature__ = sig.replace(parameters=[q for q in sig.parameters.values() if q.name not in hidden]

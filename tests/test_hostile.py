@@ -131,3 +131,9 @@ def test_memory_estimate_refuses_before_any_work():
     assert check_memory(s.network, x, plan, keep_kernels=False, ntk=True) == 8 * 64 * 64 * 16 * 2
     with pytest.raises(kp.SpecError, match="tokens = 64: 64 tokens need about"):
         kp.propagate(s.network, x, memory_limit=10_000)
+
+
+def test_bad_preset_knob_is_a_one_line_error():
+    res = runner.invoke(app, ["gradients", "relu_mlp", "--tokens", "0"], env=WIDE)
+    _clean(res, 2)
+    assert "--tokens = 0" in res.stderr
