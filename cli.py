@@ -160,6 +160,9 @@ def run(
     """Propagate the token kernel of SPEC (or --preset NAME) through depth and summarise it."""
     with _errors():
         from kernelprop import io, propagate, report
+        from kernelprop.kernel.propagate import check_tokens
+        if config is not None or preset is not None:
+            check_tokens(options.tokens, ntk=ntk, field="--tokens")   # before the preset's input kernel is built
         if config is not None:
             from kernelprop.io import hf
             if spec is not None or preset is not None:

@@ -137,3 +137,13 @@ def test_bad_preset_knob_is_a_one_line_error():
     res = runner.invoke(app, ["gradients", "relu_mlp", "--tokens", "0"], env=WIDE)
     _clean(res, 2)
     assert "--tokens = 0" in res.stderr
+
+
+def test_run_refuses_too_many_tokens_up_front(monkeypatch):
+    # 8 · 20000² · 16 bytes ≈ 47.7 GiB of working kernels, more than half of a 16 GiB machine: refused
+    # before the input kernel is built
+    from kernelprop.montecarlo import sampler
+    monkeypatch.setattr(sampler, "machine_memory", lambda: 16 * 2 ** 30)
+    res = runner.invoke(app, ["run", "--preset", "noci", "--tokens", "20000"], env=WIDE)
+    _clean(res, 2)
+    assert "--tokens = 20000" in res.stderr and "47.7 GiB" in res.stderr and "8.0 GiB allowed" in res.stderr

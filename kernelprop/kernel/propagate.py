@@ -117,14 +117,19 @@ def check_memory(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_ker
     """Estimated peak bytes ``8 N² (16 + R)`` (×2 with the NTK; R records kept when ``keep_kernels``), N the
     total tokens; a :class:`~kernelprop.errors.SpecError` naming ``tokens`` when it exceeds ``limit``
     (default: half the machine's physical memory), before any work is done."""
+    kept = len(plan.all(network)) if keep_kernels else 0
+    return check_tokens(int(inputs.sigma.shape[0]), kept, ntk=ntk, limit=limit)
+
+
+def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None = None, field: str = "tokens") -> int:
+    """The estimate of :func:`check_memory` for ``n`` tokens and ``kept`` stored kernels (usable before the
+    input kernel is built, e.g. for a preset's ``--tokens``)."""
     from ..errors import SpecError
     from ..montecarlo.sampler import machine_memory
-    n = int(inputs.sigma.shape[0])
-    kept = len(plan.all(network)) if keep_kernels else 0
     need = 8 * n * n * (WORKING_KERNELS + kept) * (2 if ntk else 1)
     limit = machine_memory() // 2 if limit is None else int(limit)
     if need > limit:
-        raise SpecError("tokens", n, f"{n} tokens need about {need / 2 ** 30:.1f} GiB ({WORKING_KERNELS} working "
+        raise SpecError(field, n, f"{n} tokens need about {need / 2 ** 30:.1f} GiB ({WORKING_KERNELS} working "
                         f"{n}×{n} float64 kernels{f' and {kept} kept ones' if kept else ''}), more than the "
                         f"{limit / 2 ** 30:.1f} GiB allowed (half this machine's memory): use fewer tokens "
                         "(--tokens or input.tokens), or record fewer kernels")
