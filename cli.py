@@ -70,6 +70,7 @@ _FLAGS = {
     "symbols": "--symbol", "param": "--param", "at": "--at", "kind": "--kind", "labels": "--label",
     "depths": "--depths", "position": "--position", "x": "--x", "path": "RESULT", "paths": "RESULT",
     "workers": "--workers", "scheduler": "--scheduler", "cache": "--cache",
+    **{f"options.{k}": f"--{k}" for k in ("tokens", "rho", "heads", "scores", "activation")},
 }
 
 
@@ -88,6 +89,17 @@ def _errors():
         raise typer.Exit(2) from None
     except NumericalError as e:
         err.print(f"[red]numerical failure:[/red] {_safe(e)}", highlight=False)
+        raise typer.Exit(1) from None
+    except UnicodeDecodeError as e:     # a binary or non-UTF-8 spec, config or table
+        err.print(f"[red]spec error:[/red] an input file is not UTF-8 text ({_safe(e.reason)} at byte {e.start})",
+                  highlight=False)
+        raise typer.Exit(2) from None
+    except RecursionError:              # e.g. a TOML document nested thousands of levels deep
+        err.print("[red]spec error:[/red] the input nests too deeply to be read", highlight=False)
+        raise typer.Exit(2) from None
+    except MemoryError:
+        err.print("[red]out of memory:[/red] the computation does not fit in memory; reduce the number of "
+                  "tokens or the depth", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -133,7 +145,9 @@ def _preset_options(named: bool = True, scores_alias: bool = True):
                 knobs["scores"] = alias
             if named:
                 kwargs["preset"] = knobs.pop("name")
-            return command(*args, options=PresetOptions(**knobs), **kwargs)
+            with _errors():        # the preset knobs are checked here, before the command's own wrapper
+                chosen = PresetOptions(**knobs)
+            return command(*args, options=chosen, **kwargs)
 
         hidden = ("preset", "options")
         wrapper.__signature__ = sig.replace(parameters=[q for q in sig.parameters.values() if q.name not in hidden]
@@ -200,6 +214,9 @@ def run(
     """Propagate the token kernel of SPEC (or --preset NAME) through depth and summarise it."""
     with _errors():
         from kernelprop import io, propagate, report
+        from kernelprop.kernel.propagate import check_tokens
+        if config is not None or preset is not None:
+            check_tokens(options.tokens, ntk=ntk, field="--tokens")   # before the preset's input kernel is built
         if config is not None:
             from kernelprop.io import hf
             if spec is not None or preset is not None:
@@ -332,6 +349,11 @@ def compare(
                     callback(k + 1, len(names))
             return trajs
         trajs = _with_progress(each, len(names), "comparing")
+        first = trajs[names[0]].measures.get(measure)
+        if first is not None and len(first) and getattr(first[0], "ndim", 0):
+            from kernelprop.errors import SpecError
+            raise SpecError("--measure", measure, "is a per-position profile; compare tabulates one number per "
+                            "depth (e.g. cos_mean, cos_min, q_mean)")
         picked = report.depth_rows(trajs[names[0]], rows)
         title = f"{measure} against depth, {options.inputs().description}"
         _show(report.comparison_table(trajs, measure, picked, title=title, names=names, width=out.width,
@@ -672,8 +694,14 @@ def plot_command(
         from kernelprop.io.results import atomic_write
         from kernelprop.plotting import plot_files, render, style
         fmt = style.check_format(output, "output")
-        fig = plot_files(results, kind=kind, measure=measure, depths=depths, logx=logx, logy=logy,
-                         labels=label or None, x=x, position=position)
+        try:
+            fig = plot_files(results, kind=kind, measure=measure, depths=depths, logx=logx, logy=logy,
+                             labels=label or None, x=x, position=position)
+        except IndexError as exc:
+            if position is None:
+                raise
+            from kernelprop.errors import SpecError
+            raise SpecError("--position", position, f"is not a token position of this result ({exc})") from None
         atomic_write(output, render(fig, fmt))
         err.print(f"wrote {_safe(output)}", highlight=False)
 

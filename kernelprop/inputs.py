@@ -130,7 +130,13 @@ def equicorrelated(tokens: int, q: float = 1.0, rho: float = 0.5, sequences: int
 
 def gram(matrix, sequences=None) -> Inputs:
     """An explicit Gram matrix ``Σ⁰`` (N×N, symmetric PSD); ``sequences`` lists the lengths (default: one)."""
-    m = np.asarray(matrix, dtype=np.float64)
+    if hasattr(matrix, "files"):     # np.load of a .npz archive
+        raise SpecError("input.file", f"archive of {list(matrix.files)}", "must hold one array: save the Gram "
+                        "matrix with numpy.save as .npy (or as .csv), not as a .npz archive")
+    try:
+        m = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SpecError("input.matrix", type(matrix).__name__, f"must be a square array of numbers ({exc})") from None
     segs = (m.shape[0],) if sequences is None else tuple(sequences)
     return Inputs(m, segs, description=f"gram N={m.shape[0]}")
 

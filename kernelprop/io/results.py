@@ -72,7 +72,23 @@ def check_format(path, formats=FORMATS, writer: str | None = None) -> str:
     if suffix not in formats:
         raise SpecError("output", str(path), f"{writer} writes {' or '.join(formats)}" if writer else
                         f"extension must be one of {list(formats)}")
+    check_writable(path)
     return suffix
+
+
+def check_writable(path):
+    """A :class:`SpecError` naming ``output`` unless a file can be written at ``path``: not a directory,
+    its nearest existing ancestor a writable directory (checked before any work is done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpecError("output", str(path), "is a directory; give a file name inside it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpecError("output", str(path), f"{parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError("output", str(path), f"the directory {parent} is not writable")
 
 
 def write(traj, path, spec_raw=None, extra=None) -> Path:
@@ -114,8 +130,15 @@ def _default(o):
 
 
 def atomic_write(path: Path, payload: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write ``payload`` to ``path`` through a temporary file in the same directory and a rename, so a
+    failure leaves no partial file; an :class:`OSError` becomes a :class:`SpecError` naming ``output``."""
+    path = Path(path)
+    check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise SpecError("output", str(path), f"cannot be written ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -123,9 +146,11 @@ def atomic_write(path: Path, payload: bytes):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)      # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise SpecError("output", str(path), f"cannot be written ({exc.strerror or exc})") from None
         raise
 
 

@@ -79,7 +79,8 @@ class Trajectory(Records):
 
 def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every: int = 1,
               keep_kernels: bool = True, spectral: bool | str = "auto", quad_nodes: int | None = None,
-              progress: Callable[[int, int], None] | None = None, ntk: bool = False) -> Trajectory:
+              progress: Callable[[int, int], None] | None = None, ntk: bool = False,
+              memory_limit: int | None = None) -> Trajectory:
     """Iterate the infinite-width kernel maps of ``network`` from ``inputs``.
 
     ``record``: ``"blocks"`` records the input, the stem output, every ``every``-th block (and the
@@ -87,7 +88,8 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     and after each stem and final layer. ``spectral``: compute eigenvalue measures (``"auto"``: when
     the longest sequence has ≤ 512 tokens). ``progress(done, total)`` is called after every block.
     ``ntk``: also propagate the neural tangent kernel Θ (NTK parametrisation, docs/theory.md §14) and
-    keep it per record (``Trajectory.ntk``); Θ = 0 at the input.
+    keep it per record (``Trajectory.ntk``); Θ = 0 at the input. ``memory_limit`` (bytes, default half
+    the machine's memory) bounds the up-front estimate of :func:`check_memory`.
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
     A network with ``shared_weights`` runs on the joint-state interpreter
     (:func:`kernelprop.kernel.shared.propagate`, docs/theory.md §13).
@@ -101,9 +103,37 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
         return joint(network, inputs, record=record, every=every, keep_kernels=keep_kernels, spectral=spectral,
                      quad_nodes=quad_nodes, progress=progress)
     plan = RecordPlan(network, record, every)
+    check_memory(network, inputs, plan, keep_kernels=keep_kernels, ntk=ntk, limit=memory_limit)
     traj, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, spectral=spectral, quad_nodes=quad_nodes,
                       progress=progress, ntk=ntk)
     return traj
+
+
+WORKING_KERNELS = 16     # N×N float64 arrays the maps hold at once (measured peak of the layer maps: 6-16)
+
+
+def check_memory(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels: bool, ntk: bool = False,
+                 limit: int | None = None) -> int:
+    """Estimated peak bytes ``8 N² (16 + R)`` (×2 with the NTK; R records kept when ``keep_kernels``), N the
+    total tokens; a :class:`~kernelprop.errors.SpecError` naming ``tokens`` when it exceeds ``limit``
+    (default: half the machine's physical memory), before any work is done."""
+    kept = len(plan.all(network)) if keep_kernels else 0
+    return check_tokens(int(inputs.sigma.shape[0]), kept, ntk=ntk, limit=limit)
+
+
+def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None = None, field: str = "tokens") -> int:
+    """The estimate of :func:`check_memory` for ``n`` tokens and ``kept`` stored kernels (usable before the
+    input kernel is built, e.g. for a preset's ``--tokens``)."""
+    from ..errors import SpecError
+    from ..montecarlo.sampler import machine_memory
+    need = 8 * n * n * (WORKING_KERNELS + kept) * (2 if ntk else 1)
+    limit = machine_memory() // 2 if limit is None else int(limit)
+    if need > limit:
+        raise SpecError(field, n, f"{n} tokens need about {need / 2 ** 30:.1f} GiB ({WORKING_KERNELS} working "
+                        f"{n}×{n} float64 kernels{f' and {kept} kept ones' if kept else ''}), more than the "
+                        f"{limit / 2 ** 30:.1f} GiB allowed (half this machine's memory): use fewer tokens "
+                        "(--tokens or input.tokens), or record fewer kernels")
+    return need
 
 
 def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels: bool = True,

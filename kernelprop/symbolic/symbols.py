@@ -10,11 +10,11 @@ values are kept for numeric evaluation. Field paths follow the spec's names: ``b
 
 from __future__ import annotations
 
+import ast
 import math
 
 import numpy as np
 import sympy as sp
-from sympy.parsing.sympy_parser import auto_number, parse_expr, rationalize
 from sympy.printing.str import StrPrinter
 
 from ..errors import SpecError
@@ -33,7 +33,6 @@ RESERVED = {"L", "l", "T", "q", "rho", "mu", "c", "pi", "E", "I", "N", "S", "O",
 
 _FUNCTIONS = {"sqrt": sp.sqrt, "exp": sp.exp, "log": sp.log, "sin": sp.sin, "cos": sp.cos,
               "tanh": sp.tanh, "abs": sp.Abs, "min": sp.Min, "max": sp.Max, "pi": sp.pi, "e": sp.E}
-_TRANSFORMS = (auto_number, rationalize)
 
 # default symbol name (identifier) and LaTeX for a field, by field name
 FIELD_SYMBOLS = {
@@ -97,22 +96,43 @@ def number(v) -> sp.Expr:
     return r if r.q <= 10 ** 6 and abs(r.p) <= 10 ** 12 else sp.Float(v)
 
 
-def parse(text: str, names: dict) -> sp.Expr:
-    """Parse an expression string of :mod:`kernelprop.network.expressions` with sympy.
+def parse(text, names: dict) -> sp.Expr:
+    """Convert an expression of :mod:`kernelprop.network.expressions` (an ``Expr`` or its text) to sympy.
 
     ``names`` maps identifiers (L, l, params) to sympy symbols; functions and constants are the
     ones :mod:`kernelprop.network.expressions` allows (sqrt, exp, log, sin, cos, tanh, abs, min, max,
-    pi, e). Decimals become exact rationals.
+    pi, e). Integers stay exact, short decimals become exact rationals (:func:`number`). The tree is
+    converted node by node (no text is evaluated), so a param may be named like a sympy class
+    (``Integer``), and the expression checks (bounded exponents, arity) apply as in the numeric engine.
     """
     unknown = set(expressions.FUNCTIONS) | set(expressions.CONSTANTS)
     missing = unknown - set(_FUNCTIONS)
     if missing:  # a function added to the expression language without a sympy counterpart
         from ..errors import NotSupportedError
         raise NotSupportedError(f"expression functions {sorted(missing)} have no sympy counterpart yet")
-    local = {**_FUNCTIONS, **names}
-    return parse_expr(text, local_dict=local, global_dict={"Integer": sp.Integer, "Float": sp.Float,
-                                                            "Rational": sp.Rational, "Symbol": sp.Symbol},
-                      transformations=_TRANSFORMS)
+    e = text if isinstance(text, expressions.Expr) else expressions.parse(text, known=None)
+    return _to_sympy(e.tree, names, e)
+
+
+_SP_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+              ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+
+
+def _to_sympy(node, names: dict, e) -> sp.Expr:
+    if isinstance(node, ast.Constant):
+        return number(node.value)
+    if isinstance(node, ast.Name):
+        if node.id in names:
+            return names[node.id]
+        if node.id in _FUNCTIONS:
+            return _FUNCTIONS[node.id]
+        raise SpecError(e.field, e.text, f"uses {node.id!r}, which has no value here (known: {sorted(names)})")
+    if isinstance(node, ast.BinOp):
+        return _SP_BINOPS[type(node.op)](_to_sympy(node.left, names, e), _to_sympy(node.right, names, e))
+    if isinstance(node, ast.UnaryOp):
+        v = _to_sympy(node.operand, names, e)
+        return -v if isinstance(node.op, ast.USub) else v
+    return _FUNCTIONS[node.func.id](*(_to_sympy(a, names, e) for a in node.args))
 
 
 def _field_paths(serial: NL.Serial, prefix: str):
@@ -201,7 +221,7 @@ class Namespace:
     def convert(self, v) -> sp.Expr:
         """A field value (number or :class:`~kernelprop.network.expressions.Expr`) as sympy."""
         if isinstance(v, expressions.Expr):
-            return parse(v.text, self.names)
+            return parse(v, self.names)
         if isinstance(v, sp.Basic):
             return v
         return number(v)

@@ -1,0 +1,149 @@
+"""Ordinary mistakes end in one line on stderr and exit 1/2, never a traceback (issue 14, items 7 and 8)."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import kernelprop as kp
+from cli import app
+from kernelprop import inputs as I
+from kernelprop.kernel.propagate import RecordPlan, check_memory
+from kernelprop.network import expressions as E
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400"}
+MLP = ('depth = 3\n[params]\nInteger = 2.0\n[input]\nkind = "equicorrelated"\ntokens = 4\nrho = 0.2\n'
+       '[[block]]\ntype = "dense"\nweight_var = {w}\n[[block]]\ntype = "relu"\n')
+
+
+def _clean(res, code):
+    assert res.exit_code == code, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.parametrize("text,words", [
+    ("10**10**10", "10**10**10"), ("2**1024", "range error"), ("min()", "min with 0 argument"),
+    ("sqrt(1,2)", "sqrt with 2 argument"), ("(-1)**0.5", "domain error"), ("L**20000", "bounded by 10000"),
+    ("1e400", "not a finite number"), ("9" * 1200, "at most 1000"), ("sqrt(-1)", "domain error"),
+])
+def test_bad_expressions_are_spec_errors_naming_the_field(text, words):
+    with pytest.raises(kp.SpecError, match="block") as info:
+        E.parse(text, "block[0].beta", known=None)
+    assert words in str(info.value)
+
+
+def test_expressions_evaluate_in_floats():
+    assert E.parse("max(1)", known=None)({}) == 1.0
+    assert E.parse("2**L + min(l, 3, 7)", known=None)({"L": 10, "l": 2}) == 1026.0
+    assert E.parse("1/sqrt(L)", known=None)({"L": 4, "l": 1}) == 0.5
+    with pytest.raises(kp.SpecError, match="x = 'sqrt\\(L - 5\\)'.*at L=4"):
+        E.parse("sqrt(L - 5)", "x", known=None)({"L": 4, "l": 1})
+
+
+@pytest.mark.parametrize("command", [["run"], ["symbolic"]])
+@pytest.mark.parametrize("text,code", [("10**10**10", 2), ("2**1024", 2), ("min()", 2), ("sqrt(1,2)", 2),
+                                       ("max(1)", 0), ("(-1)**0.5", 2)])
+def test_expressions_from_the_issue_on_the_command_line(tmp_path, command, text, code):
+    spec = tmp_path / "s.toml"
+    spec.write_text(MLP.format(w=repr(text)))
+    res = runner.invoke(app, [*command, str(spec)], env=WIDE)
+    if code:
+        _clean(res, code)
+        assert "block[0].weight_var" in res.stderr
+    else:
+        assert res.exit_code == 0, res.output
+
+
+def test_param_named_like_a_sympy_class_in_symbolic(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text(MLP.format(w='"Integer / 2 + 1/2"'))
+    res = runner.invoke(app, ["symbolic", str(spec)], env=WIDE)
+    assert res.exit_code == 0, res.output
+    # σ_w² = Integer/2 + 1/2 = 3/2 with Integer = 2: the ReLU block maps q to σ_w² q / 2 = 3q/4
+    assert "Integer" in res.stdout
+
+
+def test_output_path_mistakes(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    adir = tmp_path / "adir.json"
+    adir.mkdir()
+    for out, words in [(afile / "r.json", "is a file, not a directory"), (adir, "is a directory")]:
+        res = runner.invoke(app, ["run", "vanilla", "-L", "2", "-o", str(out)], env=WIDE)
+        _clean(res, 2)
+        assert words in res.stderr and "--output" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.json", "afile"] and not list(adir.iterdir())
+
+
+def test_unwritable_output_directory(tmp_path, monkeypatch):
+    import os
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    res = runner.invoke(app, ["run", "vanilla", "-L", "2", "-o", str(ro / "r.json")], env=WIDE)
+    _clean(res, 2)
+    assert "not writable" in res.stderr and not list(ro.iterdir())
+
+
+def test_binary_spec_and_deep_toml(tmp_path):
+    binary = tmp_path / "b.toml"
+    binary.write_bytes(b"\xff\xfe\x00\x01name")
+    _clean(runner.invoke(app, ["run", str(binary)], env=WIDE), 2)
+    deep = tmp_path / "d.toml"
+    deep.write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
+    res = runner.invoke(app, ["run", str(deep)], env=WIDE)
+    _clean(res, 2)
+    assert "nests too deeply" in res.stderr
+
+
+def test_npz_gram_file(tmp_path):
+    np.savez(tmp_path / "g.npz", a=np.eye(3))
+    spec = tmp_path / "g.toml"
+    spec.write_text('depth = 2\n[input]\nkind = "gram"\nfile = "g.npz"\n[[block]]\ntype = "relu"\n')
+    res = runner.invoke(app, ["run", str(spec)], env=WIDE)
+    _clean(res, 2)
+    assert "input.file" in res.stderr and ".npy" in res.stderr
+    with pytest.raises(kp.SpecError, match="input.matrix"):
+        I.gram([["a", "b"], ["c", "d"]])
+
+
+def test_compare_profile_measure_and_plot_position(tmp_path):
+    res = runner.invoke(app, ["compare", "vanilla", "pre_ln", "-L", "3", "--measure", "cos_first"], env=WIDE)
+    _clean(res, 2)
+    assert "--measure = 'cos_first'" in res.stderr and "per-position profile" in res.stderr
+    out = tmp_path / "v.json"
+    assert runner.invoke(app, ["run", "vanilla", "-L", "2", "-o", str(out)]).exit_code == 0
+    fig = tmp_path / "p.png"
+    res = runner.invoke(app, ["plot", str(out), "-m", "cos_first", "--position", "999", "-o", str(fig)], env=WIDE)
+    _clean(res, 2)
+    assert "--position = 999" in res.stderr and not fig.exists()
+
+
+def test_memory_estimate_refuses_before_any_work():
+    s = kp.models.load("vanilla", depth=2)
+    x = I.identity(64)
+    plan = RecordPlan(s.network, "blocks", 1)
+    # 8 N² (16 + 3 kept records) bytes for N = 64
+    assert check_memory(s.network, x, plan, keep_kernels=True) == 8 * 64 * 64 * (16 + 3)
+    assert check_memory(s.network, x, plan, keep_kernels=False, ntk=True) == 8 * 64 * 64 * 16 * 2
+    with pytest.raises(kp.SpecError, match="tokens = 64: 64 tokens need about"):
+        kp.propagate(s.network, x, memory_limit=10_000)
+
+
+def test_bad_preset_knob_is_a_one_line_error():
+    res = runner.invoke(app, ["gradients", "relu_mlp", "--tokens", "0"], env=WIDE)
+    _clean(res, 2)
+    assert "--tokens = 0" in res.stderr
+
+
+def test_run_refuses_too_many_tokens_up_front(monkeypatch):
+    # 8 · 20000² · 16 bytes ≈ 47.7 GiB of working kernels, more than half of a 16 GiB machine: refused
+    # before the input kernel is built
+    from kernelprop.montecarlo import sampler
+    monkeypatch.setattr(sampler, "machine_memory", lambda: 16 * 2 ** 30)
+    res = runner.invoke(app, ["run", "--preset", "noci", "--tokens", "20000"], env=WIDE)
+    _clean(res, 2)
+    assert "--tokens = 20000" in res.stderr and "47.7 GiB" in res.stderr and "8.0 GiB allowed" in res.stderr
