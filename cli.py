@@ -70,7 +70,7 @@ _FLAGS = {
     "symbols": "--symbol", "param": "--param", "at": "--at", "kind": "--kind", "labels": "--label",
     "depths": "--depths", "position": "--position", "x": "--x", "path": "RESULT", "paths": "RESULT",
     "workers": "--workers", "scheduler": "--scheduler", "cache": "--cache",
-    **{f"options.{k}": f"--{k}" for k in ("tokens", "rho", "heads", "scores", "activation")},
+    **{f"options.{k}": f"--{k}" for k in ("tokens", "rho", "heads", "activation")}, "options.scores": "--preset-scores",
 }
 
 

@@ -147,3 +147,14 @@ def test_run_refuses_too_many_tokens_up_front(monkeypatch):
     res = runner.invoke(app, ["run", "--preset", "noci", "--tokens", "20000"], env=WIDE)
     _clean(res, 2)
     assert "--tokens = 20000" in res.stderr and "47.7 GiB" in res.stderr and "8.0 GiB allowed" in res.stderr
+
+
+@pytest.mark.parametrize("raw", [
+    {"input": {"kind": [1], "tokens": 3}, "block": [{"type": "dense"}]},
+    {"input": {"kind": "identity", "tokens": 3}, "block": [{"type": [1]}]},
+])
+def test_a_list_where_a_kind_or_type_name_belongs_is_a_spec_error(raw):
+    """Found by a longer fuzzer run: an unhashable `kind`/`type` raised TypeError."""
+    from kernelprop.network.spec import from_dict
+    with pytest.raises(kp.SpecError, match=r"input\.kind|block\[0\]\.type"):
+        from_dict(raw)

@@ -135,6 +135,8 @@ def _layer(t, where) -> L.Layer:
         raise SpecError(where, t, "must be a layer table with a `type` field")
     t = dict(t)
     kind = t.pop("type", None)
+    if not isinstance(kind, str):
+        raise SpecError(f"{where}.type", kind, "must be a string naming a layer type or an activation")
     from ..layers.activation import activations as _activations
     ACTIVATIONS = _activations.ACTIVATIONS
     prims = primitives()
@@ -200,7 +202,7 @@ def _inputs(t, base: Path) -> I.Inputs:
         raise SpecError("input", t, "must be a table")
     t = dict(t)
     kind = t.pop("kind", None)
-    if kind not in INPUT_KEYS:
+    if not isinstance(kind, str) or kind not in INPUT_KEYS:
         raise SpecError("input.kind", kind, f"must be one of {sorted(INPUT_KEYS)}")
     pos = {k: t.pop(k) for k in list(t) if k in POSITIONAL_KEYS}
     for k in t:
