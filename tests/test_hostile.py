@@ -63,6 +63,10 @@ def test_param_named_like_a_sympy_class_in_symbolic(tmp_path):
     assert res.exit_code == 0, res.output
     # σ_w² = Integer/2 + 1/2 = 3/2 with Integer = 2: the ReLU block maps q to σ_w² q / 2 = 3q/4
     assert "Integer" in res.stdout
+    from kernelprop import symbolic as S
+    spec_ = kp.load(spec)
+    q = np.einsum("rii->ri", S.evaluate(S.block_map(spec_.network), spec_.inputs).kernels).mean(axis=1)
+    np.testing.assert_allclose(q, 0.75 ** np.arange(4), rtol=1e-14)      # the closed form, block by block
 
 
 def test_output_path_mistakes(tmp_path):
