@@ -289,11 +289,17 @@ def _llama(c: _Config, tokens: int, rho: float):
     return spec, notes + _dropout_note(c, ("attention_dropout",))
 
 
-def _neox(c: _Config, tokens: int, rho: float):
+def _dims(c: _Config) -> tuple[int, int, int, int]:
+    """``(layers, hidden size, heads, MLP width)`` of a config named the transformers way; heads must divide
+    the hidden size."""
     depth, d, heads = c.whole("num_hidden_layers"), c.whole("hidden_size"), c.whole("num_attention_heads")
     if d % heads:
         raise SpecError("num_attention_heads", heads, f"must divide hidden_size = {d}")
-    inner = c.whole("intermediate_size")
+    return depth, d, heads, c.whole("intermediate_size")
+
+
+def _neox(c: _Config, tokens: int, rho: float):
+    depth, d, heads, inner = _dims(c)
     act = c.activation("hidden_act", "gelu")
     eps = c.number("layer_norm_eps", 1e-5)
     found = c.cfg.get("rope_parameters")
@@ -337,10 +343,7 @@ def _neox(c: _Config, tokens: int, rho: float):
 
 
 def _bert(c: _Config, tokens: int, rho: float):
-    depth, d, heads = c.whole("num_hidden_layers"), c.whole("hidden_size"), c.whole("num_attention_heads")
-    if d % heads:
-        raise SpecError("num_attention_heads", heads, f"must divide hidden_size = {d}")
-    inner = c.whole("intermediate_size")
+    depth, d, heads, inner = _dims(c)
     act = c.activation("hidden_act", "gelu")
     eps = c.number("layer_norm_eps", 1e-12)
     kind = c.text("position_embedding_type", "absolute")
