@@ -153,6 +153,20 @@ def test_run_refuses_too_many_tokens_up_front(monkeypatch):
     assert "--tokens = 20000" in res.stderr and "47.7 GiB" in res.stderr and "8.0 GiB allowed" in res.stderr
 
 
+@pytest.mark.parametrize("kind", ["identity", "equicorrelated"])
+def test_spec_file_refuses_too_many_tokens_before_building_the_input(monkeypatch, tmp_path, kind):
+    # 10000 tokens × 2 sequences: 8 · 20000² · 16 bytes ≈ 47.7 GiB, refused before the 3.2 GB input kernel exists
+    from kernelprop.montecarlo import sampler
+    monkeypatch.setattr(sampler, "machine_memory", lambda: 16 * 2 ** 30)
+    built = []
+    monkeypatch.setattr(I, kind, lambda *a, **k: built.append(a))
+    f = tmp_path / "big.toml"
+    f.write_text(f'[input]\nkind = "{kind}"\ntokens = 10000\nsequences = 2\n[[block]]\ntype = "dense"\n')
+    res = runner.invoke(app, ["run", str(f)], env=WIDE)
+    _clean(res, 2)
+    assert "input.tokens = 20000" in res.stderr and "47.7 GiB" in res.stderr and not built
+
+
 @pytest.mark.parametrize("raw", [
     {"input": {"kind": [1], "tokens": 3}, "block": [{"type": "dense"}]},
     {"input": {"kind": "identity", "tokens": 3}, "block": [{"type": [1]}]},

@@ -216,6 +216,11 @@ def _inputs(t, base: Path) -> I.Inputs:
                 raise SpecError(f"input.{k}", v, "must be a real number (not a boolean or a string)")
     if "matrix" in t and _has_bool(t["matrix"]):
         raise SpecError("input.matrix", t["matrix"], "must be a square array of numbers (not booleans)")
+    n_tok, n_seq = t.get("tokens", 16), t.get("sequences", 1)
+    if kind in ("identity", "equicorrelated") and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                      for v in (n_tok, n_seq)):
+        from ..kernel.propagate import check_tokens
+        check_tokens(n_tok * n_seq, field="input.tokens")   # before the N×N input kernel is built
     if kind == "identity":
         x = I.identity(t.get("tokens", 16), t.get("q", 1.0), t.get("sequences", 1))
     elif kind == "equicorrelated":
