@@ -192,6 +192,8 @@ def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("results")
     for args in (["run", "vanilla", "-L", "4", "-o", str(d / "v.npz")],
                  ["run", "vanilla", "-L", "4", "-o", str(d / "v.json")],
+                 ["run", "vanilla", "-L", "4", "-o", str(d / "v.nc")],
+                 ["sweep", "pre_ln", "--param", "beta=0.5:2:3", "--no-figure", "-o", str(d / "s.nc")],
                  ["run", "pre_ln", "-L", "4", "-o", str(d / "p.csv")],
                  ["compare", "post_ln", "noci", "-L", "6", "--tokens", "8", "-o", str(d / "c.csv")],
                  ["sweep", "pre_ln", "--param", "beta=0.5:2:3", "--no-figure", "-o", str(d / "s.npz")]):
@@ -208,6 +210,10 @@ def results(tmp_path_factory):
     (["v.npz"], [], None),
     (["v.npz"], ["--kind", "spectrum", "--depths", "0,4"], 2),
     (["s.npz"], [], 1),
+    (["v.nc"], [], None),
+    (["v.nc"], ["--measure", "cos_mean"], 1),
+    (["v.nc", "v.json"], [], 2),
+    (["s.nc"], [], 1),
 ])
 def test_plot_command_draws_every_result(results, tmp_path, files, extra, lines):
     out = tmp_path / "fig.png"
@@ -222,6 +228,20 @@ def test_plot_command_draws_every_result(results, tmp_path, files, extra, lines)
         assert _labelled(ax)
     if lines is not None:
         assert len([l for l in ax.get_lines() if not l.get_label().startswith(("_", "rounding"))]) == lines
+
+
+def test_labelled_run_reads_back_as_its_json(results):
+    from kernelprop.plotting.files import read
+    (k1, nc), (k2, js) = read(results / "v.nc"), read(results / "v.json")
+    assert k1 == k2 == "run" and nc.labels == js.labels and nc.name == js.name == "Skipless (vanilla) transformer"
+    np.testing.assert_array_equal(nc.blocks, js.blocks)
+    assert nc.kernels.shape == (len(nc.labels), 32, 32) and set(js.measures) <= set(nc.measures)
+    for m, v in js.measures.items():
+        np.testing.assert_allclose(nc.measures[m], v, rtol=1e-15, atol=0, err_msg=m)
+    _, s_nc = read(results / "s.nc")
+    _, s_npz = read(results / "s.npz")
+    for m, v in s_npz.values.items():
+        np.testing.assert_array_equal(s_nc.values[m], v)
 
 
 def _kw(extra):

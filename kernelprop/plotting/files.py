@@ -11,6 +11,7 @@ written by                 recognised by                               default f
 ``moments`` .csv            header ``record,block,mu,…``                measure vs depth
 ``sweep`` .csv/.json/.npz   ``NAME[,NAME2],measure,value`` / ``kind`` /  phase diagram (2-D)
                            ``axis_names``                              or line (1-D)
+``run``/``sweep`` .nc/.zarr attribute ``kind`` (extra ``xarray``)       as above
 =========================  ==========================================  ===================
 
 Simulation results carry ``<measure>_se`` columns; they are drawn as error bars.
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..errors import SpecError
 
-RESULT_FORMATS = (".json", ".csv", ".npz")
+RESULT_FORMATS = (".json", ".csv", ".npz", ".nc", ".zarr")
 KINDS = ("auto", "depth", "kernels", "spectrum", "phase")
 
 
@@ -50,9 +51,11 @@ def read(path):
     suffix = path.suffix.lower()
     if suffix not in RESULT_FORMATS:
         raise SpecError("path", str(path), f"extension must be one of {list(RESULT_FORMATS)}")
-    if not path.is_file():
+    if not (path.is_dir() if suffix == ".zarr" else path.is_file()):
         raise SpecError("path", str(path), "does not exist")
     try:
+        if suffix in (".nc", ".zarr"):
+            return _read_dataset(path)
         if suffix == ".npz":
             return _read_npz(path)
         if suffix == ".json":
@@ -80,6 +83,26 @@ def _read_npz(path):
                       segments=tuple(int(t) for t in z["segments"]) if "segments" in files else (),
                       extra=meta)
     return "run", rec
+
+
+def _read_dataset(path):
+    """A labelled result (:func:`kernelprop.io.results.write_dataset`, :meth:`SweepResult.write`)."""
+    from ..sweep.labelled import open_dataset
+    ds = open_dataset(path)
+    kind = ds.attrs.get("kind")
+    if kind == "kernelprop sweep":
+        from ..sweep import load
+        return "sweep", load(path)
+    if kind != "kernelprop run":
+        raise SpecError("path", str(path), "is not a result written by run, simulate or sweep (attribute kind is "
+                        f"{kind!r})")
+    meta = json.loads(ds.attrs.get("kernelprop", "{}"))
+    skip = {"mean", "kernel", "ntk"}
+    measures = {k: np.asarray(v.values, dtype=float) for k, v in ds.data_vars.items() if k not in skip}
+    kernels = np.asarray(ds["kernel"].values) if "kernel" in ds.data_vars else None
+    segments = tuple(int(t) for t in meta.get("input", {}).get("segments", ()))
+    return "run", Records([str(x) for x in ds["label"].values], np.asarray(ds["block"].values, dtype=int), measures,
+                          _name(meta.get("spec"), path), kernels=kernels, segments=segments, extra=meta)
 
 
 def _read_json(path):
@@ -193,7 +216,7 @@ def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=
     if kind == "auto":
         if kinds == {"sweep"}:
             kind = "phase"
-        elif len(read_) == 1 and read_[0][1] == "run" and read_[0][2].kernels is not None:
+        elif len(read_) == 1 and read_[0][1] == "run" and read_[0][2].kernels is not None and measure is None:
             kind = "kernels"
         else:
             kind = "depth"
@@ -206,7 +229,8 @@ def plot_files(paths, *, kind: str = "auto", measure: str | None = None, depths=
     if kind in ("kernels", "spectrum"):
         rec = read_[0][2]
         if read_[0][1] != "run" or rec.kernels is None:
-            raise SpecError("kind", kind, "needs kernels: write the run as .npz (`kernelprop run SPEC -o x.npz`)")
+            raise SpecError("kind", kind, "needs kernels: write the run as .npz or .nc "
+                            "(`kernelprop run SPEC -o x.npz`)")
         src = {"kernels": rec.kernels, "labels": rec.labels, "blocks": rec.blocks,
                "segments": rec.segments or (rec.kernels.shape[-1],)}
         return kernel_heatmaps(src, depths) if kind == "kernels" else spectrum_plot(src, depths)
