@@ -462,7 +462,7 @@ print seed means ± standard errors."""
             keep_kernels=output is not None and output.suffix == ".npz", dong=dong, progress=cb), s.network.depth,
             "simulating")
         title = _safe(f"{s.network.name or spec} — width {width}, {seeds} seeds, {s.inputs.description}")
-        _show(simulation_table(sim, most=rows, title=title))
+        _show(simulation_table(sim, most=rows, title=title, width=out.width))
         if output is not None:
             mc.write(sim, output, spec_raw=s.raw)
             err.print(f"wrote {_safe(output)}", highlight=False)
@@ -521,13 +521,13 @@ def check(
             init=init, input_kind=inputs, scores=scores, progress=cb, **extra), s.network.depth, "checking")
         title = _safe(f"{s.network.name or spec} — theory vs simulation, {s.inputs.description}")
         if all_rows:
-            _show(rows_table(cmp))
+            _show(rows_table(cmp, width=out.width))
         elif gradients:
-            _show(comparison_table(cmp.parts["forward"], most=rows, title=title))
+            _show(comparison_table(cmp.parts["forward"], most=rows, title=title, width=out.width))
             _show(mc.gradient_table(cmp.parts["gradients"], most=rows, title=_safe(
-                f"{s.network.name or spec} — gradients, output gradient {output_grad}")))
+                f"{s.network.name or spec} — gradients, output gradient {output_grad}"), width=out.width))
         else:
-            _show(comparison_table(cmp, most=rows, title=title))
+            _show(comparison_table(cmp, most=rows, title=title, width=out.width))
         out.print(report.verdict(cmp))
         if not cmp.agree:
             raise typer.Exit(3)

@@ -254,3 +254,32 @@ def test_per_record_tables_read_back_to_their_files(tmp_path, columns, command):
             assert all(v != v for v in values[len(cells):])
         assert len(cells) >= 2
         assert all(agrees(c, v) for c, v in zip(cells, values)), (label, cells, values)
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_simulation_and_check_tables_fit_without_cutting(tmp_path, columns):
+    # before: headers cut to "rank_one_d…", "stable_ra…" at 80 columns
+    out = tmp_path / "s.json"
+    res = invoke(["simulate", "pre_ln", "-L", "3", "--width", "64", "--seeds", "4", "--tokens", "8", "-o", str(out)],
+                 columns)
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= columns
+    assert "rank one" in res.stdout and "stable" in res.stdout
+    records = {r["label"]: r for r in json.loads(out.read_text())["records"]}
+    from kernelprop.montecarlo.tables import SIM_COLUMNS
+    seen = 0
+    for line in res.stdout.splitlines():
+        line = line.replace("│", " ").strip()
+        label = " ".join(line.split()[:2]) if line.startswith("block") else line.split()[0] if line.split() else ""
+        if label not in records:
+            continue
+        pairs = re.findall(r"(\S+) ± (\S+)", line)
+        assert len(pairs) == len(SIM_COLUMNS), line
+        for (mean, se), m in zip(pairs, SIM_COLUMNS):
+            assert agrees(mean, records[label][m]) and agrees(se, records[label][m + "_se"]), (label, m, mean, se)
+        seen += 1
+    assert seen == len(records)
+    res = invoke(["check", "pre_ln", "-L", "2", "--width", "96", "--seeds", "4", "--tokens", "8", "--gradients"],
+                 columns)
+    assert res.exit_code in (0, 3), res.output
+    assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= columns

@@ -308,7 +308,7 @@ def joint(forward: Comparison, gradients: Comparison) -> Comparison:
                                parts={"forward": forward, "gradients": gradients})
 
 
-def gradient_table(cmp: Comparison, most: int = 24, title: str | None = None):
+def gradient_table(cmp: Comparison, most: int = 24, title: str | None = None, width: int | None = None):
     """Rich table of a gradient comparison (``check(..., gradients=True).parts["gradients"]``): per record
     the largest |z| of the gradient-kernel entries (Π), grad_q_mean, grad_cos_mean, grad_cos_first and of
     each per-block parameter-gradient norm ‖∂L/∂W‖²/d (∂W dense, …) (✗ where the criterion fails)."""
@@ -316,9 +316,9 @@ def gradient_table(cmp: Comparison, most: int = 24, title: str | None = None):
     worst = cmp.worst()
     names = [m for m in ("grad_kernel",) + GRAD_TESTED + tuple(f"norm_{k}" for k in GRAD_KINDS)
              if any(key[1] == m for key in worst)]
-    headings = [("Π" if m == "grad_kernel" else m.replace("grad_", "").replace("norm_", "∂W ")) + " |z|"
-                for m in names]
-    return z_table(cmp, names, headings, most, title)
+    headings = [("Π" if m == "grad_kernel" else m.replace("grad_", "grad\n").replace("norm_", "∂W\n").replace("_", " "))
+                + "\n|z|" for m in names]
+    return z_table(cmp, names, headings, most, title, width)
 
 
 def half_width(width: int, network) -> int:

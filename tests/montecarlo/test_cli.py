@@ -15,7 +15,7 @@ def test_simulate_writes_means_and_standard_errors_in_every_format(tmp_path):
     js, cs, nz = tmp_path / "s.json", tmp_path / "s.csv", tmp_path / "s.npz"
     res = runner.invoke(app, base + ["-o", str(js)])
     assert res.exit_code == 0, res.output
-    assert "cos_mean" in res.stdout and "±" in res.stdout and "dong_residual" in res.stdout
+    assert "cos mean" in res.stdout and "±" in res.stdout and "dong residual" in res.stdout
     data = json.loads(js.read_text())
     assert [r["label"] for r in data["records"]] == ["input", "block 1", "block 2", "block 3"]
     rec = data["records"][-1]

@@ -68,7 +68,7 @@ def test_gradient_table_has_a_column_per_quantity():
     cmp, *_ = mc.check(net, EQ, 32, 4, gradients=True)
     table = mc.gradient_table(cmp.parts["gradients"])
     headers = [c.header for c in table.columns]
-    assert headers[:3] == ["record", "Π |z|", "q_mean |z|"] and "∂W values |z|" in headers
+    assert headers[:3] == ["record", "Π\n|z|", "grad\nq mean\n|z|"] and "∂W\nvalues\n|z|" in headers
 
 
 def test_check_computes_spectral_measures_for_short_sequences():
