@@ -27,6 +27,7 @@ import numpy as np
 import kernelprop as kp
 from kernelprop import montecarlo as mc
 from kernelprop.montecarlo import sampler as S
+from results import result
 
 EXAMPLES = Path(kp.__file__).parent / "examples"
 
@@ -120,6 +121,8 @@ def table_forward(cases, repeat):
             gens = [np.random.default_rng(i) for i in range(seeds)]
             t_rng = best_of(lambda: S._fill(gens, (draws // seeds,), "standard_normal"), repeat)
             t_exp = chains["explicit"][1]
+            result(f"Monte Carlo forward / hand-written numpy chain ({name}, d = {width}, {seeds} seeds batched, "
+                   f"{products})", t_fwd / t_hand, "ratio", "<= 1.2")
             lines.append(f"| {name} L={depth} | {spec.inputs.n_tokens} | {width} | {seeds} | {products} | "
                          f"{t_fwd:.3f} | {t_chain:.3f} | {t_fwd / t_chain:.2f} | {t_exp:.3f} | {t_fwd / t_exp:.2f} | "
                          f"{t_rng:.3f} | {t_hand:.3f} | {t_fwd / t_hand:.2f} |")
