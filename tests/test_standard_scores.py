@@ -142,3 +142,29 @@ def test_small_scores_beat_plain_sampling():
     ref, se = x.mean(axis=0), x.std(axis=0) / np.sqrt(len(x))
     assert err < 2e-4
     assert np.max(np.abs(got - ref)) <= err + 5.0 * np.max(se)
+
+
+@pytest.mark.parametrize("opts", [{}, {"rope_theta": 50.0}, {"rope_theta": 1e4, "rope_dim": 4, "qk_norm": "rmsnorm"},
+                                  {"rope_theta": 1e4, "rope_fraction": 0.5, "rope_dim": 8}],
+                         ids=["plain", "rope wide", "rope dim + qk_norm", "rope fraction"])
+def test_score_path_matches_the_frequency_expansion(opts):
+    """The score path per draw with ρ factored as ``Σ_m f_m(a) g_m(b)`` (Hankel eigen-expansion or cosines) against
+    :func:`score_terms` (complex phases over the DFT frequencies of ρ) on the same draws, two sequences."""
+    from kernelprop.layers.attention import matrices as MX
+    from kernelprop.layers.attention import score_terms
+    rng = np.random.default_rng(4)
+    segs = (5, 3)
+    g = rng.standard_normal((8, 8))
+    sigma, pi, values = g @ g.T / 8 + 0.3, np.cov(rng.standard_normal((8, 12))), g.T @ g / 8
+    layer = Attention(scores="standard", qk_var=0.8, causal=True, **opts)
+    est = Estimator(layer, sigma, segs, {}, seed=(5,))
+    o = layer.score_options(sigma, segs, {})
+    s = next(est.draws(0))
+    a = est.softmax(s, 0)
+    q, extra = est.score_path(a, values, pi, o["keys"], True)
+    if "rescale" in o:
+        extra = extra * np.outer(o["rescale"], o["rescale"])
+    blocks = [a[:5, :5], a[5:, 5:]]
+    want_q, want = score_terms([(1.0, MX.Dense(segs, blocks))], values, pi, True, segments=segs, **o)
+    assert q == pytest.approx(want_q, rel=1e-11)
+    np.testing.assert_allclose(extra, want, rtol=1e-10, atol=1e-12 * np.max(np.abs(want)))

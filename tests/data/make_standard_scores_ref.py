@@ -3,8 +3,8 @@
 
 Independent of the engine: the covariance of vec(S), ``Cov(S_ij, S_kl) = v K_ik K_jl ρ((t_j − t_i) − (t_l − t_k))``,
 is built entry by entry (ρ from its definition, a mean of cosines over the frequencies ``θ^{−2f/D}``), factored
-by eigh; the ALiBi slopes, masks and softmax are written out here. Run: ``python tests/data/make_standard_scores_ref.py``
-(about a minute; seed 20261124)."""
+by eigh; the ALiBi slopes, masks and softmax are written out here.
+Run: ``python tests/data/make_standard_scores_ref.py`` (about a minute; seed 20261124)."""
 
 import itertools
 import pathlib

@@ -28,31 +28,35 @@ from . import matrices as MX
 from . import rope as RP
 
 
-def _rotations(layer, segments, cache):
-    """``[(c, cos, sin)]`` with ``ρ(t_a − t_b) = Σ c cos(ω(t_a − t_b))`` for every pair of tokens met, as the N×N
-    matrices ``cos(ω(t_a − t_b))``, ``sin(ω(t_a − t_b))``; ``[(1, 1, 0)]`` without RoPE."""
-    if layer.rope_theta is None:
-        return None
-    c, w = RP.spectrum(layer, max(segments), cache)
-    pos = RP.positions(segments).astype(float)
-    d = pos[:, None] - pos[None, :]
-    return [(float(cf), np.cos(wf * d), np.sin(wf * d)) for cf, wf in zip(c, w)]
+def sandwich(m, x):
+    """``m x mᵀ``. (Causal m: BLAS trmm on the lower triangle was measured no faster within the estimator,
+    0.97–2.7× the time at T = 256–64, benchmarks/bench_standard.py, so full products are kept.)"""
+    return m @ x @ m.T
+
+
+def sandwich_t(m, x):
+    """``mᵀ x m``."""
+    return m.T @ x @ m
+
+
+def _t(x):
+    return np.swapaxes(x, -1, -2)
 
 
 def pair_trace(a, x, z):
-    """``U_ik = Σ_jl (J_i X J_k)_jl Z_jl`` for ``J_i = diag a_i − a_i a_iᵀ``, symmetric X, any Z."""
+    """``U_ik = Σ_jl (J_i X J_k)_jl Z_jl`` for ``J_i = diag a_i − a_i a_iᵀ``, symmetric X, any Z (or a stack of Z)."""
     y = a @ x
     t1 = a @ (x * z) @ a.T
-    t2 = a @ (y * (a @ z.T)).T
+    t2 = a @ _t(y * (a @ _t(z)))
     t3 = (y * (a @ z)) @ a.T
     return t1 - t2 - t3 + (y @ a.T) * (a @ z @ a.T)
 
 
 def pair_sum(a, v, w):
-    """``Σ_ik W_ik J_i V J_k`` for ``J_i = diag a_i − a_i a_iᵀ``, any V and W."""
+    """``Σ_ik W_ik J_i V J_k`` for ``J_i = diag a_i − a_i a_iᵀ``, any V and W (V or W may be stacks)."""
     aw = a.T @ w
     t1 = v * (aw @ a)
-    t2 = (aw * (a @ v.T).T) @ a
+    t2 = (aw * _t(a @ _t(v))) @ a
     t3 = a.T @ ((a @ v) * (w @ a))
     return t1 - t2 - t3 + a.T @ (w * (a @ v @ a.T)) @ a
 
@@ -62,7 +66,7 @@ class Estimator:
 
     def __init__(self, layer, sigma, segments, cache=None, seed=(0,), where="attention"):
         self.layer, self.segments, self.cache, self.seed, self.where = layer, tuple(segments), cache, tuple(seed), where
-        self.n = n = sum(self.segments)
+        self.n = sum(self.segments)
         self.kq = MX.score_kernel(layer, sigma, where)
         self.v = float(layer.qk_var)
         self.offsets = MX.logit_offsets(layer, max(self.segments), where)
@@ -73,13 +77,15 @@ class Estimator:
             self.coef = (0.0, 1.0, 0.0)
         else:
             self.coef = (float(layer.alpha), float(layer.beta), float(layer.gamma) if layer.matrix == "shaped" else 0.0)
-        self.rot = _rotations(layer, self.segments, cache)
+        self.sep = None        # RoPE: ρ(a + b) = Σ_m f_m(a) g_m(b) over offsets (rope.separable)
+        ktil = self.kq
+        if layer.rope_theta is not None:
+            t_max = max(self.segments)
+            self.sep = RP.separable(layer, t_max, cache)
+            pos = RP.positions(self.segments)
+            self.lag = pos[:, None] - pos[None, :] + t_max - 1          # index of t_j − t_l
+            ktil = ktil * RP.layer_rho(layer, pos[:, None] - pos[None, :])
         self.p = [self._zero_score(h) for _, h in self.groups]
-        k = self.kq
-        if self.rot is None:
-            ktil = k
-        else:
-            ktil = k * sum(c * cs for c, cs, _ in self.rot)
         self.ed2 = [self._mean_d2(p, ktil) for p in self.p]
         self.kernels: list = []          # the forward's estimates, kept for the backward rule
         self.back_error = 0.0            # the error of the last E[MᵀΠM] (largest entry)
@@ -109,15 +115,6 @@ class Estimator:
             out = out - ga * p
         return out + al * np.eye(self.n)
 
-    def mixing(self, a, p):
-        """The :class:`~.matrices.Mixing` of one draw (what :func:`.layer.score_terms` reads)."""
-        blocks = [a[sl, sl] for sl in segment_slices(self.segments)]
-        m = MX.Dense(self.segments, blocks)
-        if self.layer.matrix == "softmax":
-            return m
-        c = MX.Dense(self.segments, [p[sl, sl] for sl in segment_slices(self.segments)])
-        return MX._modified(self.layer, m, c)
-
     def _mean_d2(self, p, ktil):
         """``E[δ2]``: rows ``½ p_i ⊙ (E c_i² − ⟨E c_i²⟩_{p_i})``, ``E c_ij² = v K_ii (K_jj − 2(K̃p_i)_j + p_iᵀK̃p_i)``."""
         d = np.diag(self.kq)
@@ -143,26 +140,65 @@ class Estimator:
         return self.mix(p, p) if self.layer.matrix == "softmax" else (be - ga) * p + al * np.eye(self.n)
 
     # -- closed forms ---------------------------------------------------------------------------
+    def factors(self, chunk=16, rotary=True):
+        """Stacks ``(F, G)`` of at most ``chunk`` RoPE terms, ``F_m[j, l] = f_m(t_j − t_l)``,
+        ``G_m[i, k] = g_m(t_k − t_i)`` (so ``ρ((t_j − t_l) + (t_k − t_i)) = Σ_m F_m[j, l] G_m[i, k]``);
+        ``[(1, 1)]`` without RoPE."""
+        if self.sep is None or not rotary:
+            yield 1.0, 1.0
+            return
+        f, g = self.sep
+        for lo in range(0, len(f), chunk):
+            yield f[lo:lo + chunk][:, self.lag], g[lo:lo + chunk][:, self.lag.T]
+
     def _e_d1xd1(self, p, x):
-        """``E[δ1 X δ1ᵀ]_ik = v K_ik Σ_c c [cos_ki U_ik(K⊙cos) + sin_ki U_ik(K⊙sin)]`` (ρ(δ) = Σ c cos(ωδ))."""
+        """``E[δ1 X δ1ᵀ]_ik = v K_ik Σ_m G_m[i, k] U_ik(K ⊙ F_m)``, U of :func:`pair_trace`."""
         k = self.kq
-        if self.rot is None:
-            return self.v * k * pair_trace(p, x, k)
-        out = np.zeros_like(x)
-        for c, cs, sn in self.rot:      # cos/sin matrices hold ω(t_a − t_b); here the phase is ω(t_k − t_i)
-            out += c * (cs.T * pair_trace(p, x, k * cs) - sn.T * pair_trace(p, x, k * sn))
+        out = sum(np.sum(gm * pair_trace(p, x, k * fm), axis=0) if self.sep is not None else pair_trace(p, x, k)
+                  for fm, gm in self.factors())
         return self.v * k * out
 
     def _e_d1pid1(self, p, pi):
-        """``E[δ1ᵀ Π δ1] = v Σ_ik Π_ik K_ik J_i K̃^{ik} J_k``, ``K̃^{ik}_jl = K_jl ρ((t_j − t_l) − (t_i − t_k))``."""
+        """``E[δ1ᵀ Π δ1] = v Σ_m Σ_ik (Π ⊙ K ⊙ G_m)_ik J_i (K ⊙ F_m) J_k``."""
         k = self.kq
         w = pi * k
-        if self.rot is None:
-            return self.v * pair_sum(p, k, w)
-        out = np.zeros_like(pi)
-        for c, cs, sn in self.rot:
-            out += c * (pair_sum(p, k * cs, w * cs.T) - pair_sum(p, k * sn, w * sn.T))
+        out = sum(np.sum(pair_sum(p, k * fm, w * gm), axis=0) if self.sep is not None else pair_sum(p, k, w)
+                  for fm, gm in self.factors())
         return self.v * out
+
+    def score_path(self, a, values, pi, keys, with_pi, rotary=True):
+        """The score terms of one draw's softmax matrix ``a`` (as :func:`.layer.score_terms`, ρ separable):
+        ``T = Σ_m G_m ⊙ U(V, K ⊙ F_m)``, ``q = ⟨Π ⊙ K, T⟩`` and ``Π ⊙ T + Σ_m F_m ⊙ Σ_ik (W ⊙ G_m)_ik J_i V J_k``."""
+        from .layer import _centred
+        vc = _centred(values, self.segments)
+        w = pi * keys
+        t = np.zeros_like(pi)
+        k2 = np.zeros_like(pi) if with_pi else None
+        for fm, gm in self.factors(rotary=rotary):
+            if self.sep is None or not rotary:
+                t += pair_trace(a, vc, _centred(keys, self.segments))
+                if with_pi:
+                    k2 += pair_sum(a, vc, w)
+                continue
+            z = np.stack([_centred(keys * f, self.segments) for f in fm])
+            t += np.sum(gm * pair_trace(a, vc, z), axis=0)
+            if with_pi:
+                k2 += np.sum(fm * pair_sum(a, vc, w * gm), axis=0)
+        return float(np.sum(w * t)), (pi * t + k2 if with_pi else None)
+
+    def _closed(self, p, ed2, m0, x, xm):
+        """``E[F₂] = M₀XM₀ᵀ + β² E[δ1 X δ1ᵀ] + β(E[δ2] X M₀ᵀ + M₀ X E[δ2]ᵀ)`` (xm = X M₀ᵀ)."""
+        be = self.coef[1]
+        e2 = ed2 @ xm
+        return m0 @ xm + be * be * self._e_d1xd1(p, x) + be * (e2 + e2.T)
+
+    def expansion(self, x):
+        """The order-2 closed form alone, ``(1/H) Σ_h E[F₂]`` for ``F(M) = M X Mᵀ`` (error O(v²), no estimate)."""
+        out = np.zeros((self.n, self.n))
+        for (w, _), p, ed2 in zip(self.groups, self.p, self.ed2):
+            m0 = self.m0(p)
+            out += w * self._closed(p, ed2, m0, x, x @ m0.T)
+        return out
 
     # -- estimates ------------------------------------------------------------------------------
     def forward(self, xs, want_mean=False):
@@ -174,12 +210,8 @@ class Estimator:
         var = [np.zeros((self.n, self.n)) for _ in range(n_out)]
         for g, ((w, h), p, ed2) in enumerate(zip(self.groups, self.p, self.ed2)):
             m0 = self.m0(p)
-            closed, xm0 = [], []
-            for x in xs:
-                xm = x @ m0.T
-                e2 = ed2 @ xm
-                closed.append(m0 @ xm + be * be * self._e_d1xd1(p, x) + be * (e2 + e2.T))
-                xm0.append(xm)
+            xm0 = [x @ m0.T for x in xs]
+            closed = [self._closed(p, ed2, m0, x, xm) for x, xm in zip(xs, xm0)]
             if want_mean:
                 closed.append(m0 + be * ed2)
             acc = [np.zeros((self.n, self.n)) for _ in range(n_out)]
@@ -190,8 +222,8 @@ class Estimator:
                 rs = []
                 for x, xm in zip(xs, xm0):
                     e2 = d2 @ xm
-                    f = 0.5 * (mp @ x @ mp.T + mm @ x @ mm.T)
-                    r = f - (m0 @ xm + be * be * (d1 @ x @ d1.T) + be * (e2 + e2.T))
+                    f = 0.5 * (sandwich(mp, x) + sandwich(mm, x))
+                    r = f - (m0 @ xm + be * be * sandwich(d1, x) + be * (e2 + e2.T))
                     rs.append((r + r.T) * 0.5)
                 if want_mean:
                     rs.append(0.5 * (mp + mm) - m0 - be * d2)
@@ -216,10 +248,12 @@ class Estimator:
     def backward(self, pi, values=None, opts=None, with_pi=True):
         """``E[(1/H) Σ_h M_hᵀ Π M_h]`` (closed form + control-variate pairs as the forward; its error in
         ``back_error``) and, if ``values``
-        is given, the draw average of :func:`.layer.score_terms` (query norm, score-path kernel) over the same
-        antithetic pairs."""
-        from .layer import score_terms
+        is given, the draw average of the score terms (:meth:`score_path`: query norm, score-path kernel) over the
+        same antithetic pairs."""
         be = self.coef[1]
+        opts = opts or {}
+        keys = opts.get("keys", self.kq)
+        rotary = "rope" in opts or not opts       # the layer's score options say whether ρ enters the score path
         out, var = np.zeros((self.n, self.n)), np.zeros((self.n, self.n))
         q, extra = 0.0, (np.zeros((self.n, self.n)) if with_pi and values is not None else None)
         for g, ((w, h), p, ed2) in enumerate(zip(self.groups, self.p, self.ed2)):
@@ -234,18 +268,21 @@ class Estimator:
                 mp, mm = self.mix(ap, p), self.mix(am, p)
                 d1, d2 = self._deltas(s, p)
                 e2 = d2.T @ pm0
-                r = 0.5 * (mp.T @ pi @ mp + mm.T @ pi @ mm) - (m0.T @ pm0 + be * be * (d1.T @ pi @ d1) + be * (e2 + e2.T))
+                r = 0.5 * (sandwich_t(mp, pi) + sandwich_t(mm, pi)) - (m0.T @ pm0 + be * be * sandwich_t(d1, pi)
+                                                                      + be * (e2 + e2.T))
                 r = (r + r.T) * 0.5
                 acc += r
                 sq += r * r
-                if values is not None:
-                    heads = [(share, self.mixing(ap, p)), (share, self.mixing(am, p))]
-                    t, x = score_terms(heads, values, pi, with_pi, segments=self.segments, **(opts or {}))
-                    q += t
-                    if extra is not None:
-                        extra += x
+                if values is not None and be:
+                    for a in (ap, am):
+                        t, x = self.score_path(a, values, pi, keys, with_pi, rotary)
+                        q += share * be * be * t
+                        if extra is not None:
+                            extra += (share * be * be) * x
             mean = acc / self.pairs
             out += w * mean
             var += w * w * np.maximum(sq - self.pairs * mean * mean, 0.0) / (self.pairs * (self.pairs - 1))
         self.back_error = self.quantile() * float(np.sqrt(np.max(var)))
+        if extra is not None and opts.get("rescale") is not None:
+            extra *= np.outer(opts["rescale"], opts["rescale"])
         return (out + out.T) * 0.5, q, extra
