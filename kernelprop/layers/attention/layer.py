@@ -39,8 +39,10 @@ class Attention(Layer):
     * ``scores="tied"``: tied 1/d scaling (Hron et al. 2020): ``A = softmax(σ_qk² Σ + B_h + M)``;
     * ``scores="standard"``: independent queries and keys at 1/sqrt(d_k) scaling: the scores stay
       Gaussian at infinite width, ``S = σ_qk F Z Fᵀ`` with ``F Fᵀ = Σ`` and Z i.i.d. standard normal, so the
-      kernel ``σ_v²σ_o² E[A Σ Aᵀ]`` is estimated over ``score_samples`` draws of Z per head, with its
-      standard error added to the reported approximation error (docs/theory.md §2 case 3);
+      kernel ``σ_v²σ_o² E[A Σ Aᵀ]`` is the second-order expansion around the zero-score matrix (closed form)
+      plus ``score_samples``/2 antithetic control-variate pairs of draws of Z per score law, its error bound
+      (a Bonferroni Student-t multiple of the standard error) added to the reported approximation error
+      (:mod:`.standard`, docs/theory.md §2.7);
 
     ``attention="identity"`` drops the softmax: ``A = S + B_h`` with masked entries 0 (Hron et al. 2020).
     The matrix is then modified by ``matrix``: ``"value_skipinit"`` ``αI + βA`` (He et al. 2023;
