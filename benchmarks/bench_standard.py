@@ -2,14 +2,14 @@
 
 Usage: python benchmarks/bench_standard.py [--quick]
 
-For T tokens (equicorrelated input kernel, ρ = 0.3, after a LayerNorm), H heads and σ_qk² in a range:
-the forward kernel map of a standard-score layer (the engine's estimator, default score_samples) against
-the same layer with tied scores (the floor: one softmax and two T×T products per distinct head), the
-reported error relative to the largest kernel entry, and the plain 64-draws-per-head estimate of the
-previous engine (stacked draws, one standard error) for comparison; a causal pair's products on the lower triangle
-(BLAS trmm) against full products (item kept out of the engine: it did not pay). Then the backward pass of a
-RoPE + standard layer (T = 64, H = 2; T = 32 in quick mode). Timings are wall-clock on whatever else
-the machine runs: compare ratios from one run.
+For T tokens (equicorrelated input kernel, unit variance, ρ = 0.3), H heads and σ_qk² in a range: the
+forward estimate of a standard-score layer (the engine's estimator, default score_samples) against the same
+layer with tied scores (the floor: one softmax and two T×T products per distinct head), the reported error
+relative to the largest kernel entry, and the plain 64-draws-per-head estimate of the previous engine (stacked
+draws, one standard error) for comparison; a causal pair's products on the lower triangle (BLAS trmm) against
+full products (kept out of the engine: it did not pay); the peak memory of one estimate at 8 and 64 draws.
+Then the backward pass of a RoPE + standard layer (T = 64, H = 2; T = 32 in quick mode). Timings are
+wall-clock on whatever else the machine runs: compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -86,6 +86,17 @@ def main(quick: bool):
                 a @ sigma @ a.T
     full, tri = best(lambda: pair(False), 5), best(lambda: pair(True), 5)
     print(f"causal A Σ Aᵀ of a pair (softmax included), lower-triangular trmm / full gemm: {tri / full:.2f}")
+    # memory: peak allocation of one forward estimate at 8 and 64 draws (the previous engine stacked every draw)
+    import tracemalloc
+    layer8, layer64 = (Attention(heads=h, scores="standard", qk_var=0.1, score_samples=n) for n in (8, 64))
+    peaks = []
+    for lay in (layer8, layer64):
+        tracemalloc.start()
+        Estimator(lay, sigma, segs, {}, seed=(0, 1)).forward([sigma])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    print(f"peak memory of the estimate: {peaks[0] / 2**20:.1f} MiB at 8 draws, {peaks[1] / 2**20:.1f} MiB at 64 "
+          f"(stacking the 64·H draw kernels: {64 * h * t * t * 8 / 2**20:.0f} MiB)")
     tb = 32 if quick else 64
     net = Network(block=[Attention(heads=2, scores="standard", qk_var=1.0, causal=True, rope_theta=10000.0)],
                   depth=1)

@@ -140,7 +140,7 @@ class Estimator:
         return self.mix(p, p) if self.layer.matrix == "softmax" else (be - ga) * p + al * np.eye(self.n)
 
     # -- closed forms ---------------------------------------------------------------------------
-    def factors(self, chunk=16, rotary=True):
+    def factors(self, chunk=None, rotary=True):
         """Stacks ``(F, G)`` of at most ``chunk`` RoPE terms, ``F_m[j, l] = f_m(t_j − t_l)``,
         ``G_m[i, k] = g_m(t_k − t_i)`` (so ``ρ((t_j − t_l) + (t_k − t_i)) = Σ_m F_m[j, l] G_m[i, k]``);
         ``[(1, 1)]`` without RoPE."""
@@ -148,6 +148,7 @@ class Estimator:
             yield 1.0, 1.0
             return
         f, g = self.sep
+        chunk = chunk or max(1, min(16, 2 ** 21 // self.n ** 2))     # stacks of ≤ 16 MiB
         for lo in range(0, len(f), chunk):
             yield f[lo:lo + chunk][:, self.lag], g[lo:lo + chunk][:, self.lag.T]
 
