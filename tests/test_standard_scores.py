@@ -168,3 +168,21 @@ def test_score_path_matches_the_frequency_expansion(opts):
     want_q, want = score_terms([(1.0, MX.Dense(segs, blocks))], values, pi, True, segments=segs, **o)
     assert q == pytest.approx(want_q, rel=1e-11)
     np.testing.assert_allclose(extra, want, rtol=1e-10, atol=1e-12 * np.max(np.abs(want)))
+
+
+def test_layer_reports_the_estimators_kernel_and_error():
+    """The layer's kernel ``σ_o²(σ_v² E[AΣAᵀ] + σ_bv² E[A11ᵀAᵀ]) + σ_bo²`` and its ``quad_error``
+    ``σ_v²σ_o²(e_Σ + (σ_bv²/σ_v²) e_1)`` from the estimator on the same draws (seed of the first layer)."""
+    import kernelprop as kp
+    from kernelprop import inputs as I
+    from kernelprop.network.layers import Network
+    x = I.equicorrelated(6, 1.0, 0.3)
+    layer = Attention(heads=2, scores="standard", qk_var=0.5, causal=True, value_var=2.0, out_var=0.5,
+                      value_bias_var=0.3, out_bias_var=0.1, score_samples=16)
+    res = kp.propagate(Network(block=[layer], depth=1), x)
+    est = Estimator(layer, x.sigma, x.segments, {}, seed=(0, 1))
+    (k, ones), _, (e, e1) = est.forward([x.sigma, np.ones((6, 6))])
+    np.testing.assert_allclose(ones, 1.0, rtol=1e-12)       # softmax rows sum to 1: A11ᵀAᵀ = 11ᵀ per draw
+    np.testing.assert_allclose(res.kernels[-1], 0.5 * (2.0 * k + 0.3 * ones) + 0.1, rtol=1e-12)
+    assert res.measures["quad_error"][-1] == pytest.approx(1.0 * (e + 0.15 * e1), rel=1e-12)
+    assert 0 < e < 0.05
