@@ -427,20 +427,23 @@ def test_standard_scores_backward_includes_the_score_path():
 
 
 def test_standard_scores_score_path_against_brute_force():
-    """``Π_X = Σ_draws w [AᵀΠA + σ_qk² (Π ⊙ T + Σ_ik Π_ik Σ_ik J_i Σ J_k)]`` and queries ``Σ w ⟨Π ⊙ Σ, T⟩``,
-    by explicit loops over the engine's own draws of A (H = 2, causal, Value-SkipInit: weight β²)."""
-    from kernelprop.layers.attention import matrices as attention
+    """``Π_X = E[AᵀΠA] + σ_qk² Σ_draws w (Π ⊙ T + Σ_ik Π_ik Σ_ik J_i Σ J_k)`` and queries ``Σ w ⟨Π ⊙ Σ, T⟩``, the
+    score path by explicit loops over the engine's own antithetic draws ±S (H = 2, causal, Value-SkipInit:
+    weight β²); ``E[AᵀΠA]`` is the estimator's (checked against references in tests/test_standard_scores.py)."""
+    from kernelprop.layers.attention.standard import Estimator
     net = Network(block=[Attention(heads=2, scores="standard", qk_var=2.0, causal=True, score_samples=4,
                                    matrix="value_skipinit", alpha=0.6, beta=0.8)], depth=1)
     layer = resolved(net.block.layers).layers[0]
     th = backpropagate(net, EQ)
     pi, sigma = th.kernels[1], EQ.sigma
-    want, q = np.zeros_like(pi), 0.0
-    for w, m in attention.head_mixings(layer, sigma, EQ.segments, {}, seed=(0, 1)):   # the engine's draws
-        full, a = m.dense(), m.a.dense()
-        t, k2 = _jacobian_terms(a, sigma, pi)
-        want += w * (full.T @ pi @ full + 2.0 * 0.64 * (pi * t + k2))
-        q += w * 0.64 * float(np.sum(pi * sigma * t))
+    est = Estimator(layer, sigma, EQ.segments, {}, seed=(0, 1))       # the engine's draws
+    want, q = est.backward(pi)[0], 0.0
+    w = 1.0 / (2 * est.pairs)
+    for s in est.draws(0):
+        for a in (est.softmax(s, 0), est.softmax(-s, 0)):
+            t, k2 = _jacobian_terms(a, sigma, pi)
+            want += w * 2.0 * 0.64 * (pi * t + k2)
+            q += w * 0.64 * float(np.sum(pi * sigma * t))
     np.testing.assert_allclose(th.kernels[0], want, rtol=1e-12, atol=1e-14)
     assert th.grad_norms("queries")[1][0] == pytest.approx(q, rel=1e-12)
 

@@ -24,6 +24,7 @@ from ..base import Layer, Param, choice, num, register_layer, resolved, unit_sca
 from ..composite import axpy
 from . import matrices as MX
 from . import rope
+from . import standard as STD
 
 
 @register_layer
@@ -38,8 +39,10 @@ class Attention(Layer):
     * ``scores="tied"``: tied 1/d scaling (Hron et al. 2020): ``A = softmax(σ_qk² Σ + B_h + M)``;
     * ``scores="standard"``: independent queries and keys at 1/sqrt(d_k) scaling: the scores stay
       Gaussian at infinite width, ``S = σ_qk F Z Fᵀ`` with ``F Fᵀ = Σ`` and Z i.i.d. standard normal, so the
-      kernel ``σ_v²σ_o² E[A Σ Aᵀ]`` is estimated over ``score_samples`` draws of Z per head, with its
-      standard error added to the reported approximation error (docs/theory.md §2 case 3);
+      kernel ``σ_v²σ_o² E[A Σ Aᵀ]`` is the second-order expansion around the zero-score matrix (closed form)
+      plus ``score_samples``/2 antithetic control-variate pairs of draws of Z per score law, its error bound
+      (a Bonferroni Student-t multiple of the standard error) added to the reported approximation error
+      (:mod:`.standard`, docs/theory.md §2.7);
 
     ``attention="identity"`` drops the softmax: ``A = S + B_h`` with masked entries 0 (Hron et al. 2020).
     The matrix is then modified by ``matrix``: ``"value_skipinit"`` ``αI + βA`` (He et al. 2023;
@@ -206,39 +209,49 @@ class Attention(Layer):
         return MX.head_mixings(self, sigma, segments, ctx.cache, seed=ctx.next_seed(), where=ctx.where)
 
     def kernel_map(self, s, ctx):
-        heads = self.mixings(s.sigma, s.segments, ctx)
-        distinct = self.values == "identity" and _head_dependent(self, heads)
+        est = None
+        bv = self.value_bias_var if self.values == "dense" else 0.0
+        if self.scores == "standard":   # Gaussian scores: expansion + control-variate pairs (docs/theory.md §2.7)
+            est = STD.Estimator(self, s.sigma, s.segments, ctx.cache, seed=ctx.next_seed(), where=ctx.where)
+            xs = [s.sigma] + ([np.ones_like(s.sigma)] if bv else [])
+            kernels, mean_m, errs = est.forward(xs, want_mean=self.weight_free)
+            sigma, err = kernels[0].copy(), errs[0]       # scaled in place below
+            if bv:
+                err += bv * errs[1] / self.value_var if self.value_var else 0.0   # in units of σ_v²σ_o²
+            heads = [(1.0, MX.Dense((s.n,), [mean_m]))] if self.weight_free else []
+            est.kernels = kernels
+            distinct = self.values == "identity" and len(est.groups) > 1
+        else:
+            heads = self.mixings(s.sigma, s.segments, ctx)
+            distinct = self.values == "identity" and _head_dependent(self, heads)
         if s.head_blocks and distinct:
             raise NotSupportedError(
                 f"{ctx.where}: a weight-free multi-head attention with per-head biases acts on a stream it (or "
                 "another such layer) already split into head blocks: head h would mix its own column block again, "
                 "which the averaged kernel cannot describe; put a Dense layer or attention with value weights in "
                 "between, or give every head the same bias")
-        err = 0.0
-        bv = self.value_bias_var if self.values == "dense" else 0.0
-        if self.scores == "standard":   # Monte Carlo over the scores: mean and its standard error
-            draws = np.stack([m.kernel(s.sigma) for _, m in heads])
-            weights = np.array([w for w, _ in heads])
-            sigma = np.tensordot(weights, draws, axes=1)
-            n = self.score_samples
-            err = float(np.max(np.std(draws, axis=0, ddof=1)) / np.sqrt(n * self.heads))
-        else:
+        if est is None:
+            err = 0.0
             sigma = heads[0][1].kernel(s.sigma)
             if heads[0][0] != 1.0:
                 sigma *= heads[0][0]
             for w, m in heads[1:]:
                 sigma = axpy(sigma, w, m.kernel(s.sigma))
-        ones = _ones_mixed(heads, s.n) if bv else None       # (1/H) Σ_h (M_h 1)(M_h 1)ᵀ
-        back = self._backward(heads, s.sigma, s.segments, ctx)
+        if bv:       # (1/H) Σ_h (M_h 1)(M_h 1)ᵀ
+            ones = _ones_mixed(heads, s.n) if est is None else est.kernels[1]
+        else:
+            ones = None
+        back = self._backward(heads, s.sigma, s.segments, ctx, est)
         if self.weight_free:
             mean = sum(w * m.left(s.mean[:, None])[:, 0] for w, m in heads)
             dep = s.dep
+            several = len(heads) > 1 or est is not None      # random standard scores count as several matrices
             if dep is not None and dep.kind in ("diag", "dense"):
-                if dep.headwise and len(heads) > 1:
+                if dep.headwise and several:
                     raise NotSupportedError(f"{ctx.where}: two multi-head weight-free mixings with different head "
                                             "matrices in one residual branch; give the heads identical biases")
                 p = sum(w * m.left(dep.matrix(s.n)) for w, m in heads)
-                dep = Dependence("dense", p, headwise=dep.headwise or len(heads) > 1)
+                dep = Dependence("dense", p, headwise=dep.headwise or several)
             return s.replace(sigma=sigma, mean=mean, dep=dep, quad_error=s.quad_error + err,
                              head_blocks=s.head_blocks or distinct), back
         sv = self.value_var if self.values == "dense" else 1.0
@@ -247,7 +260,7 @@ class Attention(Layer):
             values = sigma * sv if ones is None else sigma * sv + bv * ones
             c = unit_scale(values, self.out_bias_var, f"{ctx.where}.out_var")
             layer = dataclasses.replace(self, out_var=c)
-            back = layer._backward(heads, s.sigma, s.segments, ctx)
+            back = layer._backward(heads, s.sigma, s.segments, ctx, est)
         so = layer.out_var if layer.projection == "dense" else 1.0
         scale = sv * so
         if scale != 1.0:
@@ -271,7 +284,7 @@ class Attention(Layer):
             opts["rope"] = (c, w, rope.positions(segments))
         return opts
 
-    def _backward(self, heads, sigma, segments, ctx):
+    def _backward(self, heads, sigma, segments, ctx, est=None):
         """The backward rule over the forward's own mixings (docs/theory.md §11).
 
         ``Π_X = σ_v²σ_o² (1/H) Σ_h A_hᵀ Π A_h`` (+ the score path for standard scores); parameter-gradient
@@ -282,27 +295,34 @@ class Attention(Layer):
         path, cache, where = ctx.path, ctx.cache, ctx.where
 
         def back(pi, grads):
-            out = sum(w * m.kernel_t(pi) for w, m in heads)
             opts = self.score_options(sigma, segments, cache, where)
-            if self.weight_free:   # y = M x: no weights of its own, but 1/sqrt(d_k) scores still send O(1) back
-                if self.scores == "standard" and self.attention == "softmax":
-                    out = out + self.qk_var * score_terms(heads, sigma, pi, True, segments=segments, **opts)[1]
-                return out
+            if est is not None and self.weight_free:   # 1/sqrt(d_k) scores send O(1) back through the scores
+                out, _, extra = est.backward(pi, sigma, opts)
+                return out + self.qk_var * extra
+            if self.weight_free:   # y = M x: no weights of its own
+                return sum(w * m.kernel_t(pi) for w, m in heads)
             sv = self.value_var if self.values == "dense" else 1.0
             so = self.out_var if self.projection == "dense" else 1.0
             bv = self.value_bias_var if self.values == "dense" else 0.0
-            mixed = sum(w * float(np.vdot(m.kernel(sigma), pi)) for w, m in heads)    # ⟨AΣAᵀ, Π⟩, head-averaged
+            standard = self.scores == "standard"
+            kv = sv * sigma + bv if bv else (sv * sigma if sv != 1.0 else sigma)     # the values' kernel
+            if est is not None:   # the forward's estimates of E[AΣAᵀ], E[A11ᵀAᵀ]; E[AᵀΠA] and the score path
+                mixed = float(np.vdot(est.kernels[0], pi))
+                ones_pi = float(np.vdot(est.kernels[1], pi)) if bv else 0.0
+                out, q, score_pi = est.backward(pi, kv, opts)
+            else:
+                out = sum(w * m.kernel_t(pi) for w, m in heads)
+                mixed = sum(w * float(np.vdot(m.kernel(sigma), pi)) for w, m in heads)    # ⟨AΣAᵀ, Π⟩
+                ones_pi = float(np.vdot(_ones_mixed(heads, len(sigma)), pi)) if bv else 0.0
+                if self.attention == "identity":
+                    q, score_pi = _identity_score_term(kv, pi, segments, self.causal, **opts), None
+                else:
+                    q, score_pi = score_terms(heads, kv, pi, standard, spa=self.spa != "none", segments=segments,
+                                              **opts)
             if self.values == "dense":
                 grads.append((path, "values", so * mixed))
             if self.projection == "dense":     # ⟨(1/H) Σ_h M_h (σ_v²Σ + σ_bv² 11ᵀ) M_hᵀ, Π⟩
-                extra = bv * float(np.vdot(_ones_mixed(heads, len(sigma)), pi)) if bv else 0.0
-                grads.append((path, "output", sv * mixed + extra))
-            standard = self.scores == "standard"
-            kv = sv * sigma + bv if bv else (sv * sigma if sv != 1.0 else sigma)     # the values' kernel
-            if self.attention == "identity":
-                q, score_pi = _identity_score_term(kv, pi, segments, self.causal, **opts), None
-            else:
-                q, score_pi = score_terms(heads, kv, pi, standard, spa=self.spa != "none", segments=segments, **opts)
+                grads.append((path, "output", sv * mixed + bv * ones_pi))
             # zero queries: virtual keys W_K ~ N(0, σ_qk²/d); standard scores: the real keys, W_K ~ N(0, 1/d)
             grads.append((path, "queries", (1.0 if standard else self.qk_var) * so * q))
             out = (sv * so) * out

@@ -167,3 +167,31 @@ def rotate(x: np.ndarray, pos: np.ndarray, omegas: np.ndarray, rot: int, heads: 
     y[..., :half] = x1 * c - x2 * s
     y[..., half:rot] = x1 * s + x2 * c
     return y.reshape(b, n, width)
+
+
+def separable(layer, t_max: int, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Real vectors ``f_m, g_m`` over the offsets ``−(T−1) … T−1`` (index Δ + T − 1) with
+    ``ρ(a + b) = Σ_m f_m(a) g_m(b)`` for every pair of offsets: the shorter of the cosine expansion
+    ``cos ω(a+b) = cos ωa cos ωb − sin ωa sin ωb`` over :func:`spectrum`'s frequencies and the eigen-expansion of
+    the symmetric Hankel matrix ``[ρ(a + b)]`` with the eigenvalues of smallest modulus dropped while their sum
+    stays below 1e−14 (each dropped term changes ρ by at most |λ|: the eigenvectors have entries ≤ 1)."""
+    key = ("rope-separable", layer.rope_theta, layer.rope_dim, layer.rope_fraction, t_max)
+    if cache is not None and key in cache:
+        return cache[key]
+    offs = np.arange(-(t_max - 1), t_max)
+    lam, vec = np.linalg.eigh(layer_rho(layer, offs[:, None] + offs[None, :]))
+    order = np.argsort(np.abs(lam))
+    dropped = np.cumsum(np.abs(lam[order]))
+    keep = np.sort(order[dropped > 1e-14])
+    c, w = spectrum(layer, t_max, cache)
+    if 2 * len(w) <= len(keep):
+        ang = np.multiply.outer(w, offs.astype(float))
+        sin_used = w != 0
+        f = np.concatenate([c[:, None] * np.cos(ang), -(c[sin_used, None] * np.sin(ang[sin_used]))])
+        g = np.concatenate([np.cos(ang), np.sin(ang[sin_used])])
+    else:
+        f, g = (vec[:, keep] * lam[keep]).T, vec[:, keep].T
+    out = (np.ascontiguousarray(f), np.ascontiguousarray(g))
+    if cache is not None:
+        cache[key] = out
+    return out
