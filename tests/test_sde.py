@@ -139,3 +139,44 @@ def test_a_per_block_change_too_large_for_the_limit_is_a_spec_error():
     with pytest.raises(SpecError, match="per-block") as info:
         sde.sde_trajectory(model, x, 64, 32)
     assert info.value.field == "width"
+
+
+def _mean_and_variance_agree(a, b, k=4.0):
+    """Two-sample criterion on the mean and the variance of two samples: |Δ| ≤ k standard errors each
+    (the variance's standard error from the spread of the squared deviations)."""
+    out = []
+    for f in (lambda s: s, lambda s: (s - s.mean()) ** 2):
+        fa, fb = f(a), f(b)
+        se = np.hypot(fa.std(ddof=1) / np.sqrt(len(fa)), fb.std(ddof=1) / np.sqrt(len(fb)))
+        out.append((abs(fa.mean() - fb.mean()), se))
+    return out
+
+
+@pytest.mark.parametrize("width, seeds", [(16, 1500), (64, 600)])
+def test_shaped_transformer_sde_matches_the_full_simulator_at_ratio_one_half(width, seeds):
+    # the network is exactly model.network(width, depth); cos at the final depth, depth/width = 1/2
+    model = sde.ShapedTransformer(tau0=1.0, skip=np.sqrt(0.9), branch=np.sqrt(0.1))
+    x = inputs.equicorrelated(3, 1.0, 0.5)
+    depth = width // 2
+    tr = sde.sde_trajectory(model, x, width, depth, paths=4000, records=1, seed=21)
+    sim = simulate(model.network(width, depth), x, width, seeds=seeds, seed=22, dong=False, spectral=False,
+                   keep_kernels=False)
+    a = tr.samples["cos_mean"][:, -1]
+    a = a[np.isfinite(a)]
+    b = sim.samples["cos_mean"][:, -1]
+    (dm, sm), (dv, sv) = _mean_and_variance_agree(a, b)
+    assert dm < 4 * sm and dv < 4 * sv
+    assert b.var() > 10 * sv                  # the spread the infinite-width limit has not is resolved
+
+
+@pytest.mark.parametrize("width, seeds", [(32, 1000), (128, 300)])
+def test_residual_mlp_sde_matches_the_full_simulator_with_a_shaped_relu(width, seeds):
+    g2 = 0.3
+    model = sde.ResidualMLP(skip=np.sqrt(1 - g2), branch=np.sqrt(g2), activation=sde.shaped_relu(width, 1.0))
+    x = inputs.equicorrelated(3, 1.0, 0.2)
+    depth = width // 4
+    tr = sde.sde_trajectory(model, x, width, depth, paths=4000, records=1, seed=31)
+    sim = simulate(model.network(width, depth), x, width, seeds=seeds, seed=32, dong=False, spectral=False,
+                   keep_kernels=False)
+    (dm, sm), (dv, sv) = _mean_and_variance_agree(tr.samples["cos_mean"][:, -1], sim.samples["cos_mean"][:, -1])
+    assert dm < 4 * sm and dv < 4 * sv

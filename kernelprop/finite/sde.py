@@ -138,9 +138,9 @@ class ResidualMLP:
     @staticmethod
     def draw(rng, p, n):
         """The random numbers of one step: two N×N standard normal matrices, ``_FEATURES`` standard normal
-        feature vectors and as many random signs."""
+        feature vectors and as many random signs (Euler–Maruyama), a seed for the PSD step's features."""
         return {"m": rng.standard_normal((2, p, n, n)), "u": rng.standard_normal((_FEATURES, p, n)),
-                "s": rng.choice((-1.0, 1.0), size=(_FEATURES, p))}
+                "s": rng.choice((-1.0, 1.0), size=(_FEATURES, p)), "seed": rng.integers(2 ** 63)}
 
     def _gram_noise(self, l_v, k, z):
         """``Σ_j r_j(φ_jφ_jᵀ − K)/sqrt(m)`` over m feature vectors ``u_j ~ N(0, σ₁²V)`` with random signs
@@ -162,29 +162,41 @@ class ResidualMLP:
         return out
 
     def step(self, v, l_v, width, h, z):
-        """One step kept in the PSD cone (docs/theory.md §15.3): with ``b = λγσ₂``,
-        ``V' = Y Yᵀ + h(nγ²σ₂² − b²N/λ_h²)K + (γ²σ₂²/√2) sym(L_K dB₂ L_Kᵀ) + γ²σ₂² sqrt(h) ξ_φ`` with
-        ``Y = λ_h L_V + (b/λ_h) L_K dB₁ᵀ``, ``λ_h² = 1 + hn(λ² − 1)`` and ξ_φ of :meth:`_gram_noise`: Y Yᵀ
-        is PSD and holds the skip-branch cross noise (its extra mean b²N h K/λ_h² is taken off the drift),
-        the rest is PSD unless the step is far too small or large for the width. Mean and covariance match
-        Euler–Maruyama to O(h²)."""
+        """One step kept in the PSD cone (docs/theory.md §15.3). With ``b = λγσ₂``, ``λ_h² = 1 + hn(λ² − 1)``
+        (λ² exactly when h = 1/n) and ``A = nγ²σ₂² − b²N/λ_h²``:
+        ``V' = Y Yᵀ + x L_F(I + (w/x) dB₂)(I + (w/x) dB₂)ᵀ L_Fᵀ`` with ``Y = λ_h L_V + (b/λ_h) L_K dB₁ᵀ``
+        (the skip-branch cross noise; its extra mean b²N h K/λ_h² is what A takes off), ``F`` the Gram of
+        ``m = round(hA²/(γ⁴σ₂⁴))`` activation vectors ``φ(u_j)``, ``u_j ~ N(0, σ₁²V)`` (mean K, covariance
+        ``(E[φφφφ] − KK)/m``: the activations' Gram noise), ``w = γ²σ₂²/√2`` (the W₂ Wishart noise) and
+        ``x + w²Nh/x = hA`` (mean kept). Every term is PSD; mean and covariance match Euler–Maruyama to
+        O(h²) up to the rounding of m (relative variance error ≤ 1/(2m))."""
         lam, gam, s2 = self.skip, self.branch, self.w2_var
         p, n, _ = v.shape
         k = self._kernel(v)
         l_k, _ = _sqrt_psd(k)
         m = z["m"] * math.sqrt(h)
         b = lam * gam * math.sqrt(s2)
-        keep = 1.0 + h * width * (lam * lam - 1.0)             # λ_h²: λ² exactly when h = 1/n
+        keep = 1.0 + h * width * (lam * lam - 1.0)
         if keep <= 0.0:
             raise SpecError("steps", f"step {h:.3g}", f"a step longer than 1/(n(1 − skip²)) = "
                             f"{1 / (width * (1 - lam * lam)):.3g} leaves the PSD cone: use more steps or "
                             "scheme = \"em\"")
         y = math.sqrt(keep) * l_v + b / math.sqrt(keep) * l_k @ np.swapaxes(m[0], -1, -2)
         out = y @ np.swapaxes(y, -1, -2)
-        out += h * (width * gam * gam * s2 - b * b * n / keep) * k
-        out += gam * gam * s2 / math.sqrt(2.0) * _sym(_wishart(l_k, m[1]))
-        out += gam * gam * s2 * math.sqrt(h) * self._gram_noise(l_v, k, z)
-        return out
+        big_a = width * gam * gam * s2 - b * b * n / keep
+        w = gam * gam * s2 / math.sqrt(2.0)
+        disc = (h * big_a) ** 2 - 4.0 * w * w * n * h
+        if big_a <= 0 or disc < 0:
+            raise SpecError("steps", f"step {h:.3g}", "too short for the PSD step at this width (the branch "
+                            "noise exceeds its mean): use fewer steps or scheme = \"em\"")
+        x = 0.5 * (h * big_a + math.sqrt(disc))
+        feats = max(1, int(round(h * big_a ** 2 / (gam * gam * s2) ** 2)))
+        g, a, _, _ = self.activation.transform()
+        u = np.random.default_rng(z["seed"]).standard_normal((p, n, feats))
+        f = g * np.asarray(self.activation.pointwise()(a * math.sqrt(self.w1_var) * (l_v @ u)), dtype=float)
+        l_f, _ = _sqrt_psd(f @ np.swapaxes(f, -1, -2) / feats)
+        c = l_f @ (np.eye(n) + (w / x) * m[1])
+        return out + x * (c @ np.swapaxes(c, -1, -2))
 
     limit_text = "trace of V beyond 1e4 per token"
     remedy = ""
@@ -198,15 +210,17 @@ class ResidualMLP:
         return 2 * self.skip ** 2 * self.branch ** 2 * s + 2 * self.branch ** 4 * s * s
 
 
-def shaped_relu(width: int, c_plus: float = 0.0, c_minus: float = -1.0) -> Activation:
-    """Shaped ReLU (Li, Nica & Roy 2022): slopes ``s_± = 1 + c_±/sqrt(n)`` as a kernelprop leaky ReLU,
-    ``scale·leaky(x; slope)`` with ``scale = s₊`` and ``slope = s₋/s₊``."""
+def shaped_relu(width: int, c: float = 1.0) -> Activation:
+    """Shaped ReLU (Li, Nica & Roy 2022): slopes ``s_± = 1 ± c/sqrt(n)``, i.e. ``φ(x) = x + (c/sqrt n)|x|``,
+    as a kernelprop leaky ReLU ``s₊·leaky(x; s₋/s₊)``. Its kernel is exactly
+    ``K = V + (c²/n) E|g_a||g_b|`` (the O(1/sqrt n) term vanishes by symmetry), so a block with
+    ``skip² + branch² = 1`` changes V by O(1/n)."""
     _whole("width", width, 2)
-    sp, sm = 1.0 + c_plus / math.sqrt(width), 1.0 + c_minus / math.sqrt(width)
-    if sp <= 0 or sm < 0:
-        raise SpecError("width", width, f"the shaped slopes 1 + c/sqrt(n) must be positive: raise the width above "
-                        f"{max(c_plus ** 2, c_minus ** 2):.0f}")
-    return Activation("leaky_relu", params={"slope": sm / sp}, scale=sp)
+    eps = _positive("c", c, allow_zero=True) / math.sqrt(width)
+    if eps >= 1.0:
+        raise SpecError("width", width, f"the shaped slopes 1 ± c/sqrt(n) must be positive: raise the width above "
+                        f"c² = {c * c:.3g}")
+    return Activation("leaky_relu", params={"slope": (1.0 - eps) / (1.0 + eps)}, scale=1.0 + eps)
 
 
 @dataclass(frozen=True)
@@ -489,7 +503,7 @@ def _em_step(model, v, alive, width, h, z, scheme, k, steps):
         raise NumericalError(where, f"path {idx[bad]} left the positive semi-definite cone (smallest eigenvalue "
                              f"{lo[bad]:.3g}, trace {tr[bad]:.3g})", f"use more steps (now {steps})"
                              + (" or scheme = \"psd\"" if scheme == "em" else ""))
-    za = {key: val[:, idx] for key, val in z.items()}
+    za = {key: (val[:, idx] if key != "seed" else val) for key, val in z.items()}
     if scheme == "psd":
         out = model.step(va, l_v, width, h, za)
     else:
