@@ -362,6 +362,51 @@ class ShapedTransformer:
 
 
 MODELS = (ResidualMLP, ShapedTransformer)
+_COVERED = ("a network whose block is one Residual(alpha=λ, beta=γ ≥ 0) around either Attention(scores=\"standard\", "
+            "matrix=\"shaped\", qk_var=1/(τ₀² width), no bias/RoPE/QK-norm/biases) or Dense, Activation, Dense (no "
+            "biases), with no stem, final layers or shared weights: the networks ShapedTransformer/ResidualMLP.network "
+            "build")
+
+
+def model_of(network: Network, width: int):
+    """The :class:`ShapedTransformer` or :class:`ResidualMLP` whose ``network(width, depth)`` is ``network``
+    (SpecError naming what does not fit otherwise)."""
+    _whole("width", width, 1)
+    if not isinstance(network, Network):
+        raise SpecError("model", type(network).__name__, "must be a ResidualMLP, a ShapedTransformer or a Network")
+    if len(network.stem) or len(network.final) or network.shared_weights:
+        raise SpecError("network", network.name or "network", "has a stem, final layers or shared weights; the SDE "
+                        "covers " + _COVERED)
+    first, last = (_block_model(network.block.resolve(network.env(l)), width) for l in (1, max(network.depth, 1)))
+    if first != last:
+        raise SpecError("network.block", f"{first} in block 1, {last} in block {network.depth}",
+                        "the SDE needs the same block at every depth")
+    return first
+
+
+def _block_model(first, width):
+    if len(first) != 1 or not isinstance(first.layers[0], Residual):
+        raise SpecError("network.block", repr(first)[:80], "the SDE covers " + _COVERED)
+    res = first.layers[0]
+    lam, gam, parts = float(res.alpha), float(res.beta), res.branch.layers
+    if len(parts) == 1 and isinstance(parts[0], Attention):
+        a = parts[0]
+        plain = (a.scores == "standard" and a.matrix == "shaped" and (a.alpha, a.beta, a.gamma) == (1.0, 1.0, 1.0)
+                 and a.bias is None and a.rope_theta is None and a.qk_norm == "none" and a.values == "dense"
+                 and a.attention == "softmax" and a.spa == "none" and not a.value_bias_var and not a.out_bias_var
+                 and not a.is_unit("out_var") and float(a.qk_var) > 0)
+        if plain:
+            return ShapedTransformer(tau0=1.0 / math.sqrt(float(a.qk_var) * width), skip=lam, branch=gam,
+                                     heads=int(a.heads), causal=bool(a.causal), value_var=float(a.value_var),
+                                     projection=a.projection == "dense",
+                                     out_var=float(a.out_var) if a.projection == "dense" else 1.0)
+    if (len(parts) == 3 and isinstance(parts[0], Dense) and isinstance(parts[1], Activation)
+            and isinstance(parts[2], Dense)
+            and all(not d.bias_var and float(d.width_factor) == 1.0 and not d.is_unit("weight_var")
+                    for d in (parts[0], parts[2]))):
+        return ResidualMLP(skip=lam, branch=gam, activation=parts[1], w1_var=float(parts[0].weight_var),
+                           w2_var=float(parts[2].weight_var))
+    raise SpecError("network.block", repr(first)[:80], "the SDE covers " + _COVERED)
 
 
 @dataclass(frozen=True, eq=False)
@@ -430,14 +475,17 @@ def sde_trajectory(model, inputs: Inputs, width: int, depth: int, *, paths: int 
                    steps: int | None = None, dt: float | None = None, records: int = 20,
                    scheme: str = "auto", seed: int = 0) -> SDETrajectory:
     """Integrate the covariance SDE of ``model`` (a :class:`ResidualMLP` or :class:`ShapedTransformer`,
-    describing ``model.network(width, depth)``) from the input kernel over ``t ∈ [0, depth/width]`` by
-    Euler–Maruyama, ``paths`` independent paths, ``steps`` steps (or a step ``dt``; default: one step per
-    block). Records at ``records + 1`` evenly spaced times (rounded to steps). ``scheme``: ``"em"`` (plain
-    Euler–Maruyama), ``"psd"`` (the shaped transformer's multiplicative step, PSD by construction,
-    :meth:`ShapedTransformer.step`) or ``"auto"`` (``"psd"`` where the model has it).
+    describing ``model.network(width, depth)``, or such a Network itself: :func:`model_of`) from the input
+    kernel over ``t ∈ [0, depth/width]``: ``paths`` independent paths, ``steps`` steps (or a step ``dt``;
+    default: one step per block). Records at ``records + 1`` evenly spaced times (rounded to steps).
+    ``scheme``: ``"psd"`` (default; the step of docs/theory.md §15.3, PSD by construction) or ``"em"``
+    (plain Euler–Maruyama); ``"auto"`` is ``"psd"``. Paths that leave the SDE's range are stopped
+    (:func:`_em_step`); per-path values, mean, s.d., standard error and quantiles of every measure.
     """
+    if isinstance(model, Network):
+        model = model_of(model, width)
     if not isinstance(model, MODELS):
-        raise SpecError("model", type(model).__name__, "must be a ResidualMLP or a ShapedTransformer")
+        raise SpecError("model", type(model).__name__, "must be a ResidualMLP, a ShapedTransformer or a Network")
     if not isinstance(inputs, Inputs):
         raise SpecError("inputs", type(inputs).__name__, "must be kernelprop Inputs (kernelprop.inputs.*)")
     if len(inputs.segments) != 1:
