@@ -209,3 +209,20 @@ def test_a_network_is_read_back_as_the_model_that_built_it():
     with pytest.raises(SpecError) as info:
         sde.sde_trajectory(standard, x, 64, 16)
     assert info.value.field == "network.block"
+
+
+def test_a_one_over_sqrt_depth_branch_follows_the_wide_limit_with_a_1_over_width_spread():
+    # x ← x + (1/sqrt L)·relu(x W₁) W₂, He weights: the drift is the infinite-width map per unit t/T, the
+    # diffusion O(1/n); the SDE's mean is the engine's wide limit up to O(1/n), its spread the simulator's
+    import kernelprop as kp
+    width, depth = 64, 32
+    model = sde.ResidualMLP(skip=1.0, branch=1 / np.sqrt(depth), activation=Activation("relu"), w1_var=2.0)
+    x = inputs.equicorrelated(3, 1.0, 0.2)
+    net = model.network(width, depth)
+    wide = kp.propagate(net, x)["cos_mean"][-1]
+    tr = sde.sde_trajectory(model, x, width, depth, paths=4000, records=1, seed=41)
+    sim = simulate(net, x, width, seeds=400, seed=42, dong=False, spectral=False, keep_kernels=False)
+    a, b = tr.samples["cos_mean"][:, -1], sim.samples["cos_mean"][:, -1]
+    assert abs(tr.mean["cos_mean"][-1] - wide) < 0.02 and abs(wide - x.sigma[0, 1]) > 0.1
+    (dm, sm), (dv, sv) = _mean_and_variance_agree(a, b)
+    assert dm < 4 * sm and dv < 4 * sv and b.var() > 10 * sv
