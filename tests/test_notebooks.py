@@ -12,6 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 def test_there_is_a_tour_and_one_notebook_per_paper():
     names = {p.stem for p in NOTEBOOKS}
     assert "00_tour" in names and len(names) >= 5
+    assert "shaped_transformer" in names           # Noci et al. 2023: the covariance SDE at depth ∝ width
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
