@@ -538,6 +538,226 @@ def _fallback_kinks(f, g, sa, sb) -> tuple[float, ...]:
     return tuple(sorted(pts))
 
 
+# --- the Mehler (Hermite) expansion in the correlation -----------------------------------------
+
+_MEHLER_Z = 12.0  # the coefficients' integrals over |z| ≤ 12 (outside mass 1.8e-33)
+_MEHLER_ORDERS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Truncation orders K tried per entry (the smallest whose bound meets the tolerance is used)."""
+_MEHLER_KMAX = _MEHLER_ORDERS[-1]
+_MEHLER_BLOCK = 2**20  # entries per block of the Horner sums
+_MEHLER_COEF_BYTES = 64 * 2**20  # per-panel error estimates of the coefficients, per chunk
+
+
+def _mehler_panels(k_max: int, cuts: np.ndarray):
+    """Nodes ``x`` (P, 21) and weights ``(w_kronrod, w_kronrod − w_gauss)`` (P, 21), Gaussian density
+    included, of a composite Gauss–Kronrod rule on ``[-Z, Z]`` with panels of width ``3.2/sqrt(K)``
+    (the Hermite function ``h_K ϕ`` then has at most ~1 oscillation per panel) cut at ``cuts``."""
+    h = 3.2 / math.sqrt(max(k_max, 64))
+    n = int(math.ceil(2.0 * _MEHLER_Z / h))
+    edges = np.linspace(-_MEHLER_Z, _MEHLER_Z, n + 1)
+    inside = cuts[np.isfinite(cuts) & (np.abs(cuts) < _MEHLER_Z)]
+    if inside.size:
+        edges = np.unique(np.concatenate([edges, inside]))
+    x0, wk, gi, wg = kronrod_rule()
+    lo, hi = edges[:-1], edges[1:]
+    half = 0.5 * (hi - lo)
+    x = (0.5 * (hi + lo))[:, None] + half[:, None] * x0
+    dens = _npdf(x)
+    wdiff = wk.copy()
+    wdiff[gi] -= wg
+    return x, half[:, None] * wk * dens, half[:, None] * wdiff * dens
+
+
+@functools.cache
+def _smooth_hermite_grid(k_max: int):
+    """The kink-free composite rule of :func:`_mehler_panels` and ``h_k(x)``, ``k ≤ k_max`` (cached)."""
+    x, w, wd = _mehler_panels(k_max, np.zeros(0))
+    hk = _hermite_functions(x.ravel(), k_max)
+    for a in (x, w, wd, hk):
+        a.flags.writeable = False
+    return x, w, wd, hk
+
+
+def _hermite_functions(x: np.ndarray, k_max: int) -> np.ndarray:
+    """``h_k(x) = He_k(x)/sqrt(k!)``, ``k = 0 … k_max``, as a (k_max + 1, len(x)) array, by
+    ``h_{k+1} = (x h_k − sqrt(k) h_{k−1})/sqrt(k + 1)`` (orthonormal under the standard normal)."""
+    out = np.empty((k_max + 1, x.size))
+    out[0] = 1.0
+    if k_max >= 1:
+        out[1] = x
+    for k in range(1, k_max):
+        np.multiply(x, out[k], out=out[k + 1])
+        out[k + 1] -= math.sqrt(k) * out[k - 1]
+        out[k + 1] *= 1.0 / math.sqrt(k + 1)
+    return out
+
+
+def hermite_coefficients(f, variances, k_max: int = _MEHLER_KMAX, kinks=()):
+    """Hermite coefficients ``c_k(a) = E[f(sqrt(a) Z) h_k(Z)]``, ``h_k = He_k/sqrt(k!)``, ``k ≤ k_max``,
+    with error bounds, for each variance ``a``; returns ``(c, c_err, energy, energy_err)``.
+
+    Composite 21-point Gauss–Kronrod on ``|z| ≤ 12`` (panels of width ``3.2/sqrt(k_max)``, cut at the
+    kinks ``k/sqrt(a)``); ``c_err`` is the sum over panels of ``|K21 − G10|`` plus round-off
+    ``200 eps sqrt(energy)``, ``energy = E[f(sqrt(a) Z)²]`` by the same rule with its own
+    ``|K21 − G10|`` estimate (plus round-off). Shapes ``(n, k_max + 1)`` and ``(n,)``.
+    """
+    a = np.clip(np.asarray(variances, dtype=np.float64).ravel(), 0.0, None)
+    ks = np.asarray(kinks, dtype=np.float64)
+    n = a.size
+    c, c_err = np.empty((n, k_max + 1)), np.empty((n, k_max + 1))
+    energy, energy_err = np.empty(n), np.empty(n)
+    if ks.size == 0:
+        x, w, wd, hk = _smooth_hermite_grid(k_max)
+        groups = [(np.arange(n), x, w, wd, hk)]
+    else:
+        groups = []
+        for i in range(n):
+            with np.errstate(divide="ignore"):
+                cuts = ks / math.sqrt(a[i]) if a[i] > 0 else np.zeros(0)
+            x, w, wd = _mehler_panels(k_max, cuts)
+            groups.append((np.array([i]), x, w, wd, _hermite_functions(x.ravel(), k_max)))
+    for idx, x, w, wd, hk in groups:
+        p, q = x.shape
+        step = max(1, int(_MEMORY_BYTES // (8 * x.size)))
+        for lo in range(0, idx.size, step):
+            sel = idx[lo:lo + step]
+            fx = _apply(f, np.sqrt(a[sel])[:, None, None] * x)                  # (m, P, 21)
+            fw = (fx * w).reshape(sel.size, -1)
+            c[sel] = fw @ hk.T
+            f2 = fx * fx
+            energy[sel] = (f2 * w).sum(axis=(1, 2))
+            energy_err[sel] = np.abs((f2 * wd).sum(axis=2)).sum(axis=1) + _ROUND_OFF * energy[sel]
+            # per-panel |K21 − G10| of every coefficient, in chunks of panels
+            fd = fx * wd                                                         # (m, P, 21)
+            hk3 = hk.reshape(k_max + 1, p, q)
+            acc = np.zeros((sel.size, k_max + 1))
+            chunk = max(1, int(_MEHLER_COEF_BYTES // (8 * sel.size * (k_max + 1))))
+            for plo in range(0, p, chunk):
+                ps = slice(plo, plo + chunk)
+                d = np.matmul(fd[:, ps].transpose(1, 0, 2), hk3[:, ps].transpose(1, 2, 0))  # (p, m, K+1)
+                acc += np.abs(d).sum(axis=0)
+            c_err[sel] = acc + _ROUND_OFF * np.sqrt(np.abs(energy[sel]))[:, None]
+    return c, c_err, energy, energy_err
+
+
+class _Expansion:
+    """Per variance: Hermite coefficients and the quantities the entry bounds need, at the orders K
+    of ``_MEHLER_ORDERS`` up to ``k_max``: ``tail[:, o]`` ≥ ``Σ_{k>K} c_k²`` (Parseval:
+    ``E f² + its error − Σ_{k≤K} (|ĉ_k| − err_k)₊²``, plus the summation's round-off),
+    ``cerr[:, o] = sqrt(Σ_{k≤K} err_k²)``, ``norm[:, o] = sqrt(Σ_{k≤K} ĉ_k²)``; ``top = sqrt(E f² + err)``."""
+
+    def __init__(self, f, variances, k_max, kinks):
+        c, e, en, en_err = hermite_coefficients(f, variances, k_max, kinks)
+        self.c = c
+        self.finite = np.all(np.isfinite(c), axis=1) & np.all(np.isfinite(e), axis=1) & np.isfinite(en) \
+            & np.isfinite(en_err)
+        self.energy = en
+        orders = [k for k in _MEHLER_ORDERS if k <= k_max]
+        self.orders = orders
+        cap = en + en_err
+        low = np.maximum(np.abs(c) - e, 0.0)
+        cum_low = np.cumsum(low * low, axis=1)
+        cum_e = np.cumsum(e * e, axis=1)
+        cum_c = np.cumsum(c * c, axis=1)
+        idx = np.array(orders)
+        rnd = 4.0 * _EPS * (idx[None, :] + 10.0) * np.abs(cap)[:, None]
+        self.tail = np.maximum(cap[:, None] - cum_low[:, idx], 0.0) + rnd
+        self.cerr = np.sqrt(cum_e[:, idx])
+        self.norm = np.sqrt(cum_c[:, idx])
+        self.top = np.sqrt(np.abs(cap))
+
+
+def _horner(cf, cg, ia, ib, rho, k):
+    """``Σ_{j≤k} cf[ia, j] cg[ib, j] ρ^j`` per entry (Horner; scalar coefficients when ia, ib are constant)."""
+    if np.all(ia == ia[0]) and np.all(ib == ib[0]):
+        p = cf[ia[0], :k + 1] * cg[ib[0], :k + 1]
+        acc = np.full(rho.shape, p[k])
+        for j in range(k - 1, -1, -1):
+            acc *= rho
+            acc += p[j]
+        return acc
+    acc = cf[ia, k] * cg[ib, k]
+    for j in range(k - 1, -1, -1):
+        acc *= rho
+        acc += cf[ia, j] * cg[ib, j]
+    return acc
+
+
+def mehler_pairs(f, g, a, b, s, *, tol: float = DEFAULT_TOL, kinks=(), same: bool | None = None):
+    """``E[f(u) g(v)]`` for 1-D arrays ``a = E u²``, ``b = E v²``, ``s = E uv`` by Mehler's expansion;
+    returns ``(values, errors, done)``; entries with ``done`` False were not resolved (the caller uses
+    the adaptive rule there). docs/theory.md §1.3.
+
+    With ``ρ = s/sqrt(ab)`` and the Hermite coefficients ``c_k(a)`` of f, ``d_k(b)`` of g
+    (:func:`hermite_coefficients`), ``E[f(u) g(v)] = Σ_k c_k(a) d_k(b) ρ^k`` (Mehler 1866). Truncated
+    at K (the smallest order of ``_MEHLER_ORDERS`` meeting ``tol·sqrt(E f² E g²)``), the error is at
+    most, by Cauchy–Schwarz and Parseval,
+    ``sqrt(T_f T_g) |ρ|^{K+1}`` (tail energies ``T = E f² − Σ_{k≤K} c_k²``, computed from the
+    coefficients' lower bounds ``|ĉ_k| − err_k`` and ``E f²``'s upper bound) ``+ ‖err_c‖ ‖d̂‖ +
+    ‖ĉ‖ ‖err_d‖ + ‖err_c‖ ‖err_d‖`` (the coefficients' quadrature errors, Cauchy–Schwarz over
+    k ≤ K) ``+ (2K + 2) eps sqrt(E f² E g²)`` (Horner's round-off) ``+ 1e-16 sqrt(E f² E g²)``
+    (truncation of z at ±12). When ``same`` (f is g and the entry is a variance), the value is
+    ``E f²`` itself with its own error.
+    """
+    a, b, s = (np.asarray(x, dtype=np.float64).ravel() for x in (a, b, s))
+    if same is None:
+        same = f is g
+    a, b = np.clip(a, 0.0, None), np.clip(b, 0.0, None)
+    values, errs = np.zeros(a.size), np.full(a.size, np.inf)
+    done = np.zeros(a.size, dtype=bool)
+    if a.size == 0:
+        return values, errs, done
+    prod = np.sqrt(a * b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.clip(np.where(prod > 0, s / prod, 0.0), -1.0, 1.0)
+    ks = check_kinks(kinks)
+    dv, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ia, ib = inv[:a.size], inv[a.size:]
+    diag_same = same & (ia == ib) & (rho == 1.0)
+    k_max = _MEHLER_ORDERS[3]
+    while True:  # raise the order only while some entry needs it
+        ef = _Expansion(f, dv, k_max, ks)
+        eg = ef if same else _Expansion(g, dv, k_max, ks)
+        scale = ef.top[ia] * eg.top[ib]
+        target = tol * np.maximum(scale, np.finfo(np.float64).tiny)
+        ok = ef.finite[ia] & eg.finite[ib]
+        arho = np.abs(rho)
+        best = np.full(a.size, -1)
+        bound = np.full(a.size, np.inf)
+        pending = ok & ~diag_same
+        for o, k in enumerate(ef.orders):
+            if not pending.any():
+                break
+            sel = np.flatnonzero(pending)
+            i, j = ia[sel], ib[sel]
+            fixed = (ef.cerr[i, o] * eg.norm[j, o] + ef.norm[i, o] * eg.cerr[j, o] + ef.cerr[i, o] * eg.cerr[j, o]
+                     + ((2 * k + 2) * _EPS + _TAIL) * scale[sel])
+            bd = np.sqrt(ef.tail[i, o] * eg.tail[j, o]) * arho[sel] ** (k + 1) + fixed
+            good = bd <= target[sel]
+            best[sel[good]] = o
+            bound[sel[good]] = bd[good]
+            pending[sel[good]] = False
+        if not pending.any() or k_max >= _MEHLER_KMAX:
+            break
+        k_max = min(_MEHLER_KMAX, 4 * k_max)
+    if np.any(diag_same & ok):
+        d = np.flatnonzero(diag_same & ok)
+        top2 = ef.top[ia[d]] ** 2
+        bd = (top2 - ef.energy[ia[d]]) + _TAIL * top2
+        d, bd = d[bd <= target[d]], bd[bd <= target[d]]
+        values[d] = ef.energy[ia[d]]
+        errs[d] = bd
+        done[d] = True
+    for o, k in enumerate(ef.orders):
+        sel = np.flatnonzero(best == o)
+        for lo in range(0, sel.size, _MEHLER_BLOCK):
+            blk = sel[lo:lo + _MEHLER_BLOCK]
+            values[blk] = _horner(ef.c, eg.c, ia[blk], ib[blk], rho[blk], k)
+        errs[sel] = bound[sel]
+        done[sel] = True
+    return values, errs, done
+
+
 # --- public functions ------------------------------------------------------------------------
 
 def pair_expectations(f, g, a, b, s, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None, moments=None):
@@ -619,7 +839,7 @@ def single_expectations(f, a, nodes=None, *, tol: float = DEFAULT_TOL, kinks=Non
     return values, errs
 
 
-def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None):
+def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None, method: str = "auto"):
     """``K[..., i, j] = E[f(u_i) g(u_j)]`` for ``u ~ N(0, sigma)``; returns ``(K, err)``.
 
     ``f``, ``g``: vectorised callables on float64 arrays. ``sigma``: ``(..., N, N)`` symmetric PSD.
@@ -630,8 +850,13 @@ def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL, k
     target relative to ``sqrt(E f(u_i)² E g(u_j)²)``. ``err`` bounds ``max |K − K_exact|`` in
     practice (see the module docstring). Entries are computed once per distinct
     ``(Σii, Σjj, Σij)``; when ``f is g`` only the upper triangle is computed and mirrored.
+    ``method``: ``"auto"`` (adaptive rule only) evaluates every entry at once by Mehler's expansion
+    (:func:`mehler_pairs`, all entries together) and the entries it cannot resolve within ``tol``
+    by the per-entry rules; ``"adaptive"`` uses the per-entry rules everywhere.
     """
     kinks = None if kinks is None else check_kinks(kinks)
+    if method not in ("auto", "adaptive"):
+        raise SpecError("method", method, 'must be "auto" (Mehler expansion, then per-entry rules) or "adaptive"')
     s = _as_kernel(sigma)
     _levels(nodes)
     batch, n_tok = s.shape[:-2], s.shape[-1]
@@ -645,8 +870,16 @@ def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL, k
     moment_g = moment_f if symmetric else _second_moment(g, dvals)
     values = np.empty(us.shape)
     err = 0.0
-    for lo in range(0, us.size, _TRIPLE_BLOCK):  # bounded memory for the per-triple bookkeeping
-        blk = slice(lo, lo + _TRIPLE_BLOCK)
+    todo = np.arange(us.size)
+    if nodes is None and method == "auto":
+        sd = np.sqrt(dvals)
+        cuts = kinks if kinks is not None else _fallback_kinks(f, g, sd, sd)
+        values, errs, done = mehler_pairs(f, g, dvals[ia], dvals[ib], us, tol=tol, kinks=cuts, same=symmetric)
+        if done.any():
+            err = float(errs[done].max())
+        todo = np.flatnonzero(~done)
+    for lo in range(0, todo.size, _TRIPLE_BLOCK):  # bounded memory for the per-triple bookkeeping
+        blk = todo[lo:lo + _TRIPLE_BLOCK]
         values[blk], errs = pair_expectations(f, g, dvals[ia[blk]], dvals[ib[blk]], us[blk], nodes, tol=tol,
                                               kinks=kinks, moments=(moment_f[ia[blk]], moment_g[ib[blk]]))
         err = max(err, float(errs.max()))
