@@ -544,6 +544,9 @@ _MEHLER_Z = 12.0  # the coefficients' integrals over |z| ≤ 12 (outside mass 1.
 _MEHLER_ORDERS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 """Truncation orders K tried per entry (the smallest whose bound meets the tolerance is used)."""
 _MEHLER_KMAX = _MEHLER_ORDERS[-1]
+_MEHLER_MARGIN = 2.0**-10
+"""An order meeting the tolerance is raised (within those computed) until its truncation term is below
+this fraction of the tolerance: a truncation error ~1e-14 relative costs a few more terms of the sums."""
 _MEHLER_BLOCK = 2**20  # entries per block of the Horner sums
 _MEHLER_COEF_BYTES = 64 * 2**20  # per-panel error estimates of the coefficients, per chunk
 
@@ -662,6 +665,7 @@ class _Expansion:
         idx = np.array(orders)
         rnd = 4.0 * _EPS * (idx[None, :] + 10.0) * np.abs(cap)[:, None]
         self.tail = np.maximum(cap[:, None] - cum_low[:, idx], 0.0) + rnd
+        self.converged = self.tail <= 2.0 * rnd  # the tail is at round-off: more terms cannot help
         self.cerr = np.sqrt(cum_e[:, idx])
         self.norm = np.sqrt(cum_c[:, idx])
         self.top = np.sqrt(np.abs(cap))
@@ -683,7 +687,8 @@ def _horner(cf, cg, ia, ib, rho, k):
     return acc
 
 
-def mehler_pairs(f, g, a, b, s, *, tol: float = DEFAULT_TOL, kinks=(), same: bool | None = None):
+def mehler_pairs(f, g, a, b, s, *, tol: float = DEFAULT_TOL, kinks=(), same: bool | None = None,
+                 margin: float = _MEHLER_MARGIN):
     """``E[f(u) g(v)]`` for 1-D arrays ``a = E u²``, ``b = E v²``, ``s = E uv`` by Mehler's expansion;
     returns ``(values, errors, done)``; entries with ``done`` False were not resolved (the caller uses
     the adaptive rule there). docs/theory.md §1.3.
@@ -697,7 +702,8 @@ def mehler_pairs(f, g, a, b, s, *, tol: float = DEFAULT_TOL, kinks=(), same: boo
     ‖ĉ‖ ‖err_d‖ + ‖err_c‖ ‖err_d‖`` (the coefficients' quadrature errors, Cauchy–Schwarz over
     k ≤ K) ``+ (2K + 2) eps sqrt(E f² E g²)`` (Horner's round-off) ``+ 1e-16 sqrt(E f² E g²)``
     (truncation of z at ±12). When ``same`` (f is g and the entry is a variance), the value is
-    ``E f²`` itself with its own error.
+    ``E f²`` itself with its own error. Past the tolerance, K is raised until the truncation term is
+    below ``margin·tol`` (or the tails are at round-off), within the orders computed for the others.
     """
     a, b, s = (np.asarray(x, dtype=np.float64).ravel() for x in (a, b, s))
     if same is None:
@@ -724,20 +730,25 @@ def mehler_pairs(f, g, a, b, s, *, tol: float = DEFAULT_TOL, kinks=(), same: boo
         arho = np.abs(rho)
         best = np.full(a.size, -1)
         bound = np.full(a.size, np.inf)
-        pending = ok & ~diag_same
+        pending = ok & ~diag_same  # no order meets the tolerance yet
+        loose = np.zeros(a.size, dtype=bool)  # one does, but its truncation term is not yet negligible
         for o, k in enumerate(ef.orders):
-            if not pending.any():
+            if not (pending.any() or loose.any()):
                 break
-            sel = np.flatnonzero(pending)
+            sel = np.flatnonzero(pending | loose)
             i, j = ia[sel], ib[sel]
             fixed = (ef.cerr[i, o] * eg.norm[j, o] + ef.norm[i, o] * eg.cerr[j, o] + ef.cerr[i, o] * eg.cerr[j, o]
                      + ((2 * k + 2) * _EPS + _TAIL) * scale[sel])
-            bd = np.sqrt(ef.tail[i, o] * eg.tail[j, o]) * arho[sel] ** (k + 1) + fixed
+            trunc = np.sqrt(ef.tail[i, o] * eg.tail[j, o]) * arho[sel] ** (k + 1)
+            bd = trunc + fixed
             good = bd <= target[sel]
             best[sel[good]] = o
             bound[sel[good]] = bd[good]
             pending[sel[good]] = False
-        if not pending.any() or k_max >= _MEHLER_KMAX:
+            tight = good & ((trunc <= margin * target[sel]) | (ef.converged[i, o] & eg.converged[j, o]))
+            loose[sel[good]] = True
+            loose[sel[tight]] = False
+        if not (pending.any() or loose.any()) or k_max >= _MEHLER_KMAX:
             break
         k_max = min(_MEHLER_KMAX, 4 * k_max)
     if np.any(diag_same & ok):
