@@ -9,7 +9,12 @@ with ``z1, z2`` independent standard normals, turns ``E[f(u) g(v)]`` into an ite
 taken as exactly ``c = ±1``: no inner integral, ``v = ±sqrt(Σjj) z1``) and for a zero-variance token
 (``c`` is set to 0, so the entry is ``f(0) E[g(v)]``). docs/theory.md §1.3.
 
-Two rules:
+A whole kernel (:func:`gauss_hermite_kernel`) is first evaluated at once by **Mehler's expansion**
+in the correlation (:func:`mehler_pairs`): ``E[f(u) g(v)] = Σ_k c_k(a) d_k(b) ρ^k`` with Hermite
+coefficients computed once per distinct variance (:func:`hermite_coefficients`), truncated per entry
+with a Cauchy–Schwarz/Parseval bound that carries the coefficients' own quadrature errors. Entries it
+cannot resolve within ``tol`` (kinked functions at ``|ρ|`` near 1, unresolved sharp features) go to
+two per-entry rules:
 
 * **Gauss–Hermite** (smooth f and g, the default for them): the double sum
   ``Σ_a Σ_b w_a w_b f(u_a) g(v_ab)`` over probabilists' Hermite nodes (weights normalised to 1;
@@ -48,7 +53,9 @@ Limitations: f and g must be bounded by a polynomial times ``exp(x²/(4 max Σii
 truncation; ``|φ|`` growing like ``e^{|x|}`` at variance 10 is fine). A fixed rule (``nodes=n``)
 is plain Gauss–Hermite for functions without declared kinks (nothing is looked for), with the
 heuristic estimate against ``n/2``.
-Cost: a distinct off-diagonal entry of tanh at variance 1 takes ~0.05 ms by Gauss–Hermite; a kinked
+Cost: the expansion evaluates a dense 256-token kernel of tanh, SiLU or gelu_tanh in ~10 ms and a
+2048-token one in well under a second (benchmarks/bench_quadrature.py). By the per-entry rules, a
+distinct off-diagonal entry of tanh at variance 1 takes ~0.05 ms by Gauss–Hermite; a kinked
 entry by the split rule ~0.5–1 ms (ELU on a dense 64-token kernel, 2080 distinct entries: ~1.2 s;
 Gauss–Hermite took 2.2 s there for a 1e-5 error), a sharp one such as tanh(20x) ~2 ms.
 
@@ -72,7 +79,7 @@ from ..errors import SpecError
 __all__ = [
     "DEFAULT_TOL", "MIN_NODES", "MAX_NODES", "Z_MAX", "check_nodes", "check_kinks", "hermite_rule",
     "kronrod_rule", "find_kinks", "gauss_hermite_kernel", "gauss_hermite_mean", "pair_expectations",
-    "single_expectations",
+    "single_expectations", "hermite_coefficients", "mehler_pairs",
 ]
 
 DEFAULT_TOL = 1e-11
@@ -547,6 +554,7 @@ _MEHLER_KMAX = _MEHLER_ORDERS[-1]
 _MEHLER_MARGIN = 2.0**-10
 """An order meeting the tolerance is raised (within those computed) until its truncation term is below
 this fraction of the tolerance: a truncation error ~1e-14 relative costs a few more terms of the sums."""
+_MEHLER_GROUPS = 2**16  # variance pairs up to which the order is chosen by thresholds in |ρ| per pair
 _MEHLER_BLOCK = 2**20  # entries per block of the Horner sums
 _MEHLER_COEF_BYTES = 64 * 2**20  # per-panel error estimates of the coefficients, per chunk
 
@@ -671,6 +679,80 @@ class _Expansion:
         self.top = np.sqrt(np.abs(cap))
 
 
+def _fixed_terms(ef, eg, i, j, o, k, scale):
+    """The order-K error terms that do not depend on ρ: the coefficients' quadrature errors
+    (Cauchy–Schwarz over k ≤ K), Horner's round-off and the truncation of z."""
+    return (ef.cerr[i, o] * eg.norm[j, o] + ef.norm[i, o] * eg.cerr[j, o] + ef.cerr[i, o] * eg.cerr[j, o]
+            + ((2 * k + 2) * _EPS + _TAIL) * scale)
+
+
+def _thresholds(ef, eg, gi, gj, tol, margin):
+    """Per variance pair ``(gi, gj)`` and order: the truncation factor ``A = sqrt(T_f T_g)``, the fixed
+    terms ``F``, and the largest ``|ρ|`` for which ``A |ρ|^{K+1} + F ≤ tol·scale`` (good) and for which
+    ``A |ρ|^{K+1} ≤ margin·tol·scale`` or the tails are at round-off (tight); −1 when none."""
+    scale = ef.top[gi] * eg.top[gj]
+    target = tol * np.maximum(scale, np.finfo(np.float64).tiny)
+    n_o = len(ef.orders)
+    trunc, fixed = np.empty((gi.size, n_o)), np.empty((gi.size, n_o))
+    good, tight = np.empty((gi.size, n_o)), np.empty((gi.size, n_o))
+    ok = ef.finite[gi] & eg.finite[gj]
+    for o, k in enumerate(ef.orders):
+        a = np.sqrt(ef.tail[gi, o] * eg.tail[gj, o])
+        fx = _fixed_terms(ef, eg, gi, gj, o, k, scale)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            room = np.where(target > fx, (target - fx) / a, -1.0)
+            good[:, o] = np.where(room >= 0, np.where(a > 0, room, np.inf) ** (1.0 / (k + 1)), -1.0)
+            t = np.where(a > 0, (margin * target / a) ** (1.0 / (k + 1)), np.inf)
+        tight[:, o] = np.where(ef.converged[gi, o] & eg.converged[gj, o], np.inf, t)
+        trunc[:, o], fixed[:, o] = a, fx
+    good[~ok] = -1.0
+    return trunc, fixed, good, tight
+
+
+def _choose_grouped(pid, arho, active, orders, trunc, fixed, good, tight):
+    """Per entry: the first order that is good and tight at its ``|ρ|``, else the last good one
+    (``-1``: none); and its bound ``A |ρ|^{K+1} + F``."""
+    best = np.full(arho.size, -1)
+    found = ~active
+    for o in range(len(orders)):
+        g = good[:, o][pid]
+        is_good = arho <= g
+        is_tight = is_good & (arho <= tight[:, o][pid])
+        best[is_good & ~found] = o
+        found |= is_tight
+    bound = np.full(arho.size, np.inf)
+    for o, k in enumerate(orders):
+        sel = np.flatnonzero(best == o)
+        p = pid[sel]
+        bound[sel] = trunc[p, o] * arho[sel] ** (k + 1) + fixed[p, o]
+    return best, bound
+
+
+def _choose(ef, eg, ia, ib, arho, scale, target, active, margin):
+    """:func:`_choose_grouped` entry by entry (many variance pairs); also whether a higher order would
+    help some entry."""
+    best = np.full(arho.size, -1)
+    bound = np.full(arho.size, np.inf)
+    pending = active.copy()  # no order meets the tolerance yet
+    loose = np.zeros(arho.size, dtype=bool)  # one does, but its truncation term is not yet negligible
+    for o, k in enumerate(ef.orders):
+        if not (pending.any() or loose.any()):
+            break
+        sel = np.flatnonzero(pending | loose)
+        i, j = ia[sel], ib[sel]
+        fixed = _fixed_terms(ef, eg, i, j, o, k, scale[sel])
+        trunc = np.sqrt(ef.tail[i, o] * eg.tail[j, o]) * arho[sel] ** (k + 1)
+        bd = trunc + fixed
+        good = bd <= target[sel]
+        best[sel[good]] = o
+        bound[sel[good]] = bd[good]
+        pending[sel[good]] = False
+        tight = good & ((trunc <= margin * target[sel]) | (ef.converged[i, o] & eg.converged[j, o]))
+        loose[sel[good]] = True
+        loose[sel[tight]] = False
+    return best, bound, bool(pending.any() or loose.any())
+
+
 def _horner(cf, cg, ia, ib, rho, k):
     """``Σ_{j≤k} cf[ia, j] cg[ib, j] ρ^j`` per entry (Horner; scalar coefficients when ia, ib are constant)."""
     if np.all(ia == ia[0]) and np.all(ib == ib[0]):
@@ -706,56 +788,58 @@ def mehler_pairs(f, g, a, b, s, *, tol: float = DEFAULT_TOL, kinks=(), same: boo
     below ``margin·tol`` (or the tails are at round-off), within the orders computed for the others.
     """
     a, b, s = (np.asarray(x, dtype=np.float64).ravel() for x in (a, b, s))
-    if same is None:
-        same = f is g
     a, b = np.clip(a, 0.0, None), np.clip(b, 0.0, None)
-    values, errs = np.zeros(a.size), np.full(a.size, np.inf)
-    done = np.zeros(a.size, dtype=bool)
-    if a.size == 0:
+    dv, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    return _mehler(f, g, dv, inv[:a.size], inv[a.size:], s, tol, check_kinks(kinks), f is g if same is None else same,
+                   margin)
+
+
+def _mehler(f, g, dv, ia, ib, s, tol, ks, same, margin):
+    """:func:`mehler_pairs` for entries given as indices ``ia, ib`` into the distinct variances ``dv``."""
+    values, errs = np.zeros(s.size), np.full(s.size, np.inf)
+    done = np.zeros(s.size, dtype=bool)
+    if s.size == 0:
         return values, errs, done
-    prod = np.sqrt(a * b)
+    prod = np.sqrt(dv[ia] * dv[ib])
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = np.clip(np.where(prod > 0, s / prod, 0.0), -1.0, 1.0)
-    ks = check_kinks(kinks)
-    dv, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
-    ia, ib = inv[:a.size], inv[a.size:]
+    del prod
     diag_same = same & (ia == ib) & (rho == 1.0)
+    arho = np.abs(rho)
+    nd = dv.size
+    if nd * nd <= _MEHLER_GROUPS:  # few variance pairs: thresholds in |ρ| per pair and order
+        pid = ia.astype(np.int64) * nd + ib
+        off = ~diag_same
+        rmax = np.full(nd * nd, -1.0)
+        np.maximum.at(rmax, pid[off], arho[off])
+        gi, gj = np.divmod(np.arange(nd * nd), nd)
     k_max = _MEHLER_ORDERS[3]
     while True:  # raise the order only while some entry needs it
         ef = _Expansion(f, dv, k_max, ks)
         eg = ef if same else _Expansion(g, dv, k_max, ks)
-        scale = ef.top[ia] * eg.top[ib]
-        target = tol * np.maximum(scale, np.finfo(np.float64).tiny)
-        ok = ef.finite[ia] & eg.finite[ib]
-        arho = np.abs(rho)
-        best = np.full(a.size, -1)
-        bound = np.full(a.size, np.inf)
-        pending = ok & ~diag_same  # no order meets the tolerance yet
-        loose = np.zeros(a.size, dtype=bool)  # one does, but its truncation term is not yet negligible
-        for o, k in enumerate(ef.orders):
-            if not (pending.any() or loose.any()):
+        if nd * nd <= _MEHLER_GROUPS:
+            trunc_g, fixed_g, good_g, tight_g = _thresholds(ef, eg, gi, gj, tol, margin)
+            worst = rmax[:, None]
+            need = (rmax >= 0) & ef.finite[gi] & eg.finite[gj] & ~np.any((worst <= good_g) & (worst <= tight_g),
+                                                                          axis=1)
+            if not need.any() or k_max >= _MEHLER_KMAX:
+                ok = ef.finite[ia] & eg.finite[ib]
+                best, bound = _choose_grouped(pid, arho, ok & off, ef.orders, trunc_g, fixed_g, good_g, tight_g)
                 break
-            sel = np.flatnonzero(pending | loose)
-            i, j = ia[sel], ib[sel]
-            fixed = (ef.cerr[i, o] * eg.norm[j, o] + ef.norm[i, o] * eg.cerr[j, o] + ef.cerr[i, o] * eg.cerr[j, o]
-                     + ((2 * k + 2) * _EPS + _TAIL) * scale[sel])
-            trunc = np.sqrt(ef.tail[i, o] * eg.tail[j, o]) * arho[sel] ** (k + 1)
-            bd = trunc + fixed
-            good = bd <= target[sel]
-            best[sel[good]] = o
-            bound[sel[good]] = bd[good]
-            pending[sel[good]] = False
-            tight = good & ((trunc <= margin * target[sel]) | (ef.converged[i, o] & eg.converged[j, o]))
-            loose[sel[good]] = True
-            loose[sel[tight]] = False
-        if not (pending.any() or loose.any()) or k_max >= _MEHLER_KMAX:
-            break
+        else:
+            scale = ef.top[ia] * eg.top[ib]
+            target = tol * np.maximum(scale, np.finfo(np.float64).tiny)
+            ok = ef.finite[ia] & eg.finite[ib]
+            best, bound, more = _choose(ef, eg, ia, ib, arho, scale, target, ok & ~diag_same, margin)
+            if not more or k_max >= _MEHLER_KMAX:
+                break
         k_max = min(_MEHLER_KMAX, 4 * k_max)
     if np.any(diag_same & ok):
         d = np.flatnonzero(diag_same & ok)
         top2 = ef.top[ia[d]] ** 2
         bd = (top2 - ef.energy[ia[d]]) + _TAIL * top2
-        d, bd = d[bd <= target[d]], bd[bd <= target[d]]
+        fine = bd <= tol * np.maximum(top2, np.finfo(np.float64).tiny)
+        d, bd = d[fine], bd[fine]
         values[d] = ef.energy[ia[d]]
         errs[d] = bd
         done[d] = True
@@ -876,31 +960,65 @@ def gauss_hermite_kernel(f, g, sigma, nodes=None, *, tol: float = DEFAULT_TOL, k
     flat = s.reshape(-1, n_tok, n_tok)
     symmetric = f is g
     ii, jj = _pair_indices(n_tok, symmetric)
-    dvals, ia, ib, us, inverse = _unique_triples(flat, ii, jj, symmetric)
-    moment_f = _second_moment(f, dvals)
-    moment_g = moment_f if symmetric else _second_moment(g, dvals)
-    values = np.empty(us.shape)
-    err = 0.0
-    todo = np.arange(us.size)
     if nodes is None and method == "auto":
-        sd = np.sqrt(dvals)
-        cuts = kinks if kinks is not None else _fallback_kinks(f, g, sd, sd)
-        values, errs, done = mehler_pairs(f, g, dvals[ia], dvals[ib], us, tol=tol, kinks=cuts, same=symmetric)
-        if done.any():
-            err = float(errs[done].max())
-        todo = np.flatnonzero(~done)
-    for lo in range(0, todo.size, _TRIPLE_BLOCK):  # bounded memory for the per-triple bookkeeping
-        blk = todo[lo:lo + _TRIPLE_BLOCK]
-        values[blk], errs = pair_expectations(f, g, dvals[ia[blk]], dvals[ib[blk]], us[blk], nodes, tol=tol,
-                                              kinks=kinks, moments=(moment_f[ia[blk]], moment_g[ib[blk]]))
-        err = max(err, float(errs.max()))
+        values, err = _mehler_kernel(f, g, flat, ii, jj, symmetric, tol, kinks)
+    else:
+        values, err = _per_entry_kernel(f, g, flat, ii, jj, symmetric, nodes, tol, kinks)
     out = np.empty(flat.shape)
     for k in range(flat.shape[0]):  # loop over batch elements only
-        entries = values[inverse[k * ii.size:(k + 1) * ii.size]]
+        entries = values[k * ii.size:(k + 1) * ii.size]
         out[k, ii, jj] = entries
         if symmetric:
             out[k, jj, ii] = entries
     return out.reshape(batch + (n_tok, n_tok)), err
+
+
+def _per_entry_kernel(f, g, flat, ii, jj, symmetric, nodes, tol, kinks):
+    """Entries ``(ii, jj)`` of every batch element by the per-entry rules, once per distinct triple;
+    returns ``(values (B·P,), err)``."""
+    dvals, ia, ib, us, inverse = _unique_triples(flat, ii, jj, symmetric)
+    values, err = _per_entry(f, g, dvals, ia, ib, us, nodes, tol, kinks, symmetric)
+    return values[inverse], err
+
+
+def _per_entry(f, g, dvals, ia, ib, us, nodes, tol, kinks, symmetric):
+    moment_f = _second_moment(f, dvals)
+    moment_g = moment_f if symmetric else _second_moment(g, dvals)
+    values = np.empty(us.shape)
+    err = 0.0
+    for lo in range(0, us.size, _TRIPLE_BLOCK):  # bounded memory for the per-triple bookkeeping
+        blk = slice(lo, lo + _TRIPLE_BLOCK)
+        values[blk], errs = pair_expectations(f, g, dvals[ia[blk]], dvals[ib[blk]], us[blk], nodes, tol=tol,
+                                              kinks=kinks, moments=(moment_f[ia[blk]], moment_g[ib[blk]]))
+        err = max(err, float(errs.max()))
+    return values, err
+
+
+def _mehler_kernel(f, g, flat, ii, jj, symmetric, tol, kinks):
+    """Entries ``(ii, jj)`` of every batch element by :func:`_mehler` (no search for repeated entries:
+    the sums cost less than finding them), the unresolved ones by the per-entry rules once per
+    distinct triple; returns ``(values (B·P,), err)``."""
+    diag = np.clip(np.diagonal(flat, axis1=-2, axis2=-1), 0.0, None)
+    dvals, did = np.unique(diag, return_inverse=True)
+    did = did.reshape(diag.shape)
+    ia, ib = did[:, ii].ravel(), did[:, jj].ravel()
+    us = flat[:, ii, jj].ravel() + 0.0  # -0.0 → 0.0
+    sd = np.sqrt(dvals)
+    cuts = kinks if kinks is not None else _fallback_kinks(f, g, sd, sd)
+    values, errs, done = _mehler(f, g, dvals, ia, ib, us, tol, cuts, symmetric, _MEHLER_MARGIN)
+    err = float(errs[done].max()) if done.any() else 0.0
+    todo = np.flatnonzero(~done)
+    if todo.size:
+        ta, tb, ts = ia[todo], ib[todo], us[todo]
+        if symmetric:  # E[f(u) f(v)] is symmetric in (Σii, Σjj)
+            ta, tb = np.minimum(ta, tb), np.maximum(ta, tb)
+        rows, inverse = np.unique(np.stack([ta.astype(np.float64), tb.astype(np.float64), ts], axis=1), axis=0,
+                                  return_inverse=True)
+        ua, ub = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        v2, e2 = _per_entry(f, g, dvals, ua, ub, rows[:, 2], None, tol, kinks, symmetric)
+        values[todo] = v2[inverse.ravel()]
+        err = max(err, e2)
+    return values, err
 
 
 def gauss_hermite_mean(f, diag, nodes=None, *, tol: float = DEFAULT_TOL, kinks=None):
