@@ -729,8 +729,8 @@ def _choose_grouped(pid, arho, active, orders, trunc, fixed, good, tight):
 
 
 def _choose(ef, eg, ia, ib, arho, scale, target, active, margin):
-    """:func:`_choose_grouped` entry by entry (many variance pairs); also whether a higher order would
-    help some entry."""
+    """:func:`_choose_grouped` entry by entry (many variance pairs); also which entries are settled
+    (an order both good and tight: a higher one would not help)."""
     best = np.full(arho.size, -1)
     bound = np.full(arho.size, np.inf)
     pending = active.copy()  # no order meets the tolerance yet
@@ -750,7 +750,7 @@ def _choose(ef, eg, ia, ib, arho, scale, target, active, margin):
         tight = good & ((trunc <= margin * target[sel]) | (ef.converged[i, o] & eg.converged[j, o]))
         loose[sel[good]] = True
         loose[sel[tight]] = False
-    return best, bound, bool(pending.any() or loose.any())
+    return best, bound, active & ~pending & ~loose
 
 
 def _horner(cf, cg, ia, ib, rho, k):
@@ -814,28 +814,41 @@ def _mehler(f, g, dv, ia, ib, s, tol, ks, same, margin):
         np.maximum.at(rmax, pid[off], arho[off])
         gi, gj = np.divmod(np.arange(nd * nd), nd)
     k_max = _MEHLER_ORDERS[3]
+    stages = []  # (expansions, entries, their orders, their bounds) of each k_max
+    remaining = ~diag_same
     while True:  # raise the order only while some entry needs it
         ef = _Expansion(f, dv, k_max, ks)
         eg = ef if same else _Expansion(g, dv, k_max, ks)
+        last = k_max >= _MEHLER_KMAX
         if nd * nd <= _MEHLER_GROUPS:
             trunc_g, fixed_g, good_g, tight_g = _thresholds(ef, eg, gi, gj, tol, margin)
             worst = rmax[:, None]
             need = (rmax >= 0) & ef.finite[gi] & eg.finite[gj] & ~np.any((worst <= good_g) & (worst <= tight_g),
                                                                           axis=1)
-            if not need.any() or k_max >= _MEHLER_KMAX:
+            if not need.any() or last:
                 ok = ef.finite[ia] & eg.finite[ib]
                 best, bound = _choose_grouped(pid, arho, ok & off, ef.orders, trunc_g, fixed_g, good_g, tight_g)
+                idx = np.flatnonzero(best >= 0)
+                stages.append((ef, eg, idx, best[idx], bound[idx]))
                 break
-        else:
-            scale = ef.top[ia] * eg.top[ib]
+        else:  # entries settled at this k_max keep its coefficients; the others try the next one
+            idx = np.flatnonzero(remaining)
+            i, j = ia[idx], ib[idx]
+            scale = ef.top[i] * eg.top[j]
             target = tol * np.maximum(scale, np.finfo(np.float64).tiny)
-            ok = ef.finite[ia] & eg.finite[ib]
-            best, bound, more = _choose(ef, eg, ia, ib, arho, scale, target, ok & ~diag_same, margin)
-            if not more or k_max >= _MEHLER_KMAX:
+            ok = ef.finite[i] & eg.finite[j]
+            best, bound, final = _choose(ef, eg, i, j, arho[idx], scale, target, ok, margin)
+            last = last or not np.any(ok & ~final)
+            if last:
+                final = best >= 0
+            stages.append((ef, eg, idx[final], best[final], bound[final]))
+            remaining[idx[final]] = False
+            if last:
                 break
         k_max = min(_MEHLER_KMAX, 4 * k_max)
-    if np.any(diag_same & ok):
-        d = np.flatnonzero(diag_same & ok)
+    if np.any(diag_same):
+        d = np.flatnonzero(diag_same)
+        d = d[ef.finite[ia[d]]]
         top2 = ef.top[ia[d]] ** 2
         bd = (top2 - ef.energy[ia[d]]) + _TAIL * top2
         fine = bd <= tol * np.maximum(top2, np.finfo(np.float64).tiny)
@@ -843,13 +856,14 @@ def _mehler(f, g, dv, ia, ib, s, tol, ks, same, margin):
         values[d] = ef.energy[ia[d]]
         errs[d] = bd
         done[d] = True
-    for o, k in enumerate(ef.orders):
-        sel = np.flatnonzero(best == o)
-        for lo in range(0, sel.size, _MEHLER_BLOCK):
-            blk = sel[lo:lo + _MEHLER_BLOCK]
-            values[blk] = _horner(ef.c, eg.c, ia[blk], ib[blk], rho[blk], k)
-        errs[sel] = bound[sel]
-        done[sel] = True
+    for ef, eg, idx, best, bound in stages:
+        for o, k in enumerate(ef.orders):
+            sel = idx[best == o]
+            for lo in range(0, sel.size, _MEHLER_BLOCK):
+                blk = sel[lo:lo + _MEHLER_BLOCK]
+                values[blk] = _horner(ef.c, eg.c, ia[blk], ib[blk], rho[blk], k)
+        errs[idx] = bound
+        done[idx] = True
     return values, errs, done
 
 
