@@ -52,9 +52,12 @@ node, or a jump narrower than the node spacing as ``c → ±1``).
 Limitations: f and g must be bounded by a polynomial times ``exp(x²/(4 max Σii))`` or so (the
 truncation; ``|φ|`` growing like ``e^{|x|}`` at variance 10 is fine). A fixed rule (``nodes=n``)
 is plain Gauss–Hermite for functions without declared kinks (nothing is looked for), with the
-heuristic estimate against ``n/2``.
+heuristic estimate against ``n/2``; it and ``method="adaptive"`` skip the expansion. The expansion
+integrates its coefficients over ``|z| ≤ 12`` on fixed panels, under the same growth condition; a
+sharp feature the panels do not resolve shows in the coefficients' Gauss–Kronrod errors and sends
+the entries to the per-entry rules.
 Cost: the expansion evaluates a dense 256-token kernel of tanh, SiLU or gelu_tanh in ~10 ms and a
-2048-token one in well under a second (benchmarks/bench_quadrature.py). By the per-entry rules, a
+2048-token one in 1–2 s on a shared 2-core machine (benchmarks/bench_quadrature.py). By the per-entry rules, a
 distinct off-diagonal entry of tanh at variance 1 takes ~0.05 ms by Gauss–Hermite; a kinked
 entry by the split rule ~0.5–1 ms (ELU on a dense 64-token kernel, 2080 distinct entries: ~1.2 s;
 Gauss–Hermite took 2.2 s there for a 1e-5 error), a sharp one such as tanh(20x) ~2 ms.
