@@ -248,3 +248,29 @@ def test_layers_unchanged_within_the_bound(monkeypatch):
     assert 0 < new.quad_error < 1e-9
     assert np.abs(new.sigma - old.sigma).max() <= new.quad_error + old.quad_error
     assert np.abs(pi_new - pi_old).max() <= 1e-9 * np.abs(pi_old).max()
+
+
+def test_propagate_unchanged_within_the_bound(monkeypatch):
+    """``propagate`` through a 3-block GPT-2-style network (tied causal attention, LayerNorm, gelu_tanh
+    MLP and a SwiGLU branch) at T = 12: the expansion and the per-entry route agree within the sum of
+    their accumulated ``quad_error``."""
+    import kernelprop as kp
+    from kernelprop import inputs as I
+    from kernelprop.network.layers import Attention, LayerNorm, Network, Residual, Serial
+
+    mlp = Serial([LayerNorm(), Dense(), Activation("gelu_tanh"), Dense()])
+    net = Network(block=[Residual(Attention(scores="tied", causal=True), beta="1/sqrt(L)"),
+                         Residual(mlp, beta="1/sqrt(L)"), Residual(Serial([LayerNorm(), GatedMLP("silu")]))],
+                  depth=3)
+    x = I.equicorrelated(12, 1.0, 0.3)
+    new = kp.propagate(net, x, every=3)
+    original = quad.gauss_hermite_kernel
+
+    def forced(*args, **kw):
+        kw["method"] = "adaptive"
+        return original(*args, **kw)
+    monkeypatch.setattr(quad, "gauss_hermite_kernel", forced)
+    old = kp.propagate(net, x, every=3)
+    err_new, err_old = new.final["quad_error"], old.final["quad_error"]
+    assert 0 < err_new < 1e-10
+    assert np.abs(np.asarray(new.kernels[-1]) - np.asarray(old.kernels[-1])).max() <= err_new + err_old
