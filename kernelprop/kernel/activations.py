@@ -31,7 +31,8 @@ Closed forms:
 
 Everything else (tanh, SiLU, softplus, GELU's ``K'``, ELU, SELU, hard tanh, ReLU6, user callables)
 uses the quadrature of :mod:`kernelprop.kernel.quadrature`, which also reports an error bound:
-Gauss–Hermite for smooth functions, Gauss–Kronrod split at the kinks for the others. Each
+Mehler's expansion in the correlation over all entries at once, then, for entries it cannot resolve,
+Gauss–Hermite for smooth functions and Gauss–Kronrod split at the kinks for the others. Each
 registered activation lists its kinks (``ActivationSpec.kinks``: relu, leaky_relu, abs, elu, selu,
 step at 0; hard_tanh at ``min_val, max_val``; relu6 at 0 and 6); a callable may declare them
 (``kinks=``), else the quadrature looks for them (:func:`~kernelprop.kernel.quadrature.find_kinks`).

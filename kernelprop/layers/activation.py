@@ -7,8 +7,9 @@ Kernel map (docs/theory.md §1, docs/dks.md §1): on a zero-mean Gaussian stream
 ``K = E[φ(αu_i + β) φ(αu_j + β)]`` and ``m_i = E[φ(αu_i + β)]``,
 ``Σ'_ij = γ²(K_ij + δ(m_i + m_j) + δ²)``, ``m'_i = γ(m_i + δ)``. For ``β = 0`` the closed forms
 (ReLU family, abs, erf, GELU, identity) are evaluated on ``α²Σ``; otherwise, and for activations
-without closed form, 2-D Gauss–Hermite quadrature of ``x ↦ φ(αx + β)`` with an error estimate
-(:mod:`kernelprop.kernel.activations`), its kinks moved to ``(k − β)/α``.
+without closed form, quadrature of ``x ↦ φ(αx + β)`` with an error bound (Mehler's expansion over all
+entries at once, per-entry rules where it cannot meet the tolerance; :mod:`kernelprop.kernel.quadrature`),
+its kinks moved to ``(k − β)/α``. The derivative kernel of the backward pass takes the same route.
 Backward: ``Π_x = γ²α² Π_h ⊙ E[φ'(αu_i + β) φ'(αu_j + β)]``.
 Finite width: ``γ(φ(αX + β) + δ)``, pulled back by ``γα φ'(αX + β) ⊙ G``.
 """
