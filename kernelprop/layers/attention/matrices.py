@@ -151,11 +151,25 @@ class Uniform(Mixing):
                     out[..., sa, sb] = block.mean(axis=(-2, -1), keepdims=True)
                     continue
                 c = out[..., sa, sb]
-                np.cumsum(block, axis=-2, out=c)
-                np.cumsum(c, axis=-1, out=c)
+                _prefix_sums(block, -2, c)
+                _prefix_sums(c, -1, c)
                 c /= np.arange(1, c.shape[-2] + 1, dtype=float)[:, None]
                 c /= np.arange(1, c.shape[-1] + 1, dtype=float)[None, :]
         return out
+
+
+def _prefix_sums(x, axis, out):
+    """``np.cumsum(x, axis, out=out)``; over a wide batch as one vectorised addition per step along ``axis``
+    (the same additions in the same order, several times faster than numpy's accumulate there)."""
+    steps = x.shape[axis]
+    if x.size < 512 * steps:
+        return np.cumsum(x, axis=axis, out=out)
+    a, o = np.moveaxis(x, axis, 0), np.moveaxis(out, axis, 0)
+    if o is not a:
+        o[0] = a[0]
+    for i in range(1, steps):
+        np.add(o[i - 1], a[i], out=o[i])
+    return out
 
 
 class Dense(Mixing):
