@@ -13,13 +13,16 @@ attention scores (one softmax matrix per member). ``--quick``: a 10 × 10 grid u
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import numpy as np
 
-from kernelprop import models
-from kernelprop.sweep import parse_param, sweep
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))   # this checkout's kernelprop
+
+from kernelprop import models  # noqa: E402
+from kernelprop.sweep import parse_param, sweep  # noqa: E402
 
 MEASURES = ["cos_mean", "q_mean", "stable_rank"]
 

@@ -144,7 +144,8 @@ def batch_size(n: int) -> int:
 def execute(jobs: list, inputs, measures, spectral, done: Callable[[int, object], None] | None = None) -> list:
     """The outcomes of ``jobs`` (:class:`~kernelprop.sweep.compute._Job`), in order: jobs of one structure
     that can batch run as batches of at most :func:`batch_size` members, the others one by one
-    (``_execute``). ``done(i, outcome)`` is called as each job's outcome is known."""
+    (``_execute``). ``done(i, outcome)`` is called as each job's outcome is known (a batch's members as
+    they leave it); what it raises stops the sweep."""
     from .compute import _execute
     outcomes: list = [None] * len(jobs)
 
@@ -166,17 +167,28 @@ def execute(jobs: list, inputs, measures, spectral, done: Callable[[int, object]
             if len(chunk) == 1:
                 finish(chunk[0], _execute(jobs[chunk[0]], inputs, measures, spectral))
                 continue
-            settled: dict = {}
+            def settle(k, outcome, chunk=chunk):
+                try:
+                    finish(chunk[k], outcome)
+                except BaseException as exc:   # the caller's (a progress callback's): not the batch's
+                    raise _Passthrough(exc) from exc
+
             try:
-                _Batch([jobs[i] for i in chunk], inputs, measures, spectral).run(
-                    lambda k, outcome, chunk=chunk, settled=settled: settled.__setitem__(chunk[k], outcome))
-            except _Fallback:
-                settled = {}
-            except Exception:  # noqa: BLE001 - anything a batch meets is met again, exactly, by the single runs
-                settled = {}
-            for i in chunk:
-                finish(i, settled[i] if i in settled else _execute(jobs[i], inputs, measures, spectral))
+                _Batch([jobs[i] for i in chunk], inputs, measures, spectral).run(settle)
+            except _Passthrough as wrapped:
+                raise wrapped.error from None
+            except Exception:  # noqa: BLE001, S110 - whatever a batch meets, the single runs meet again, exactly
+                pass
+            for i in chunk:     # members the batch did not settle (it fell back): one run each
+                if outcomes[i] is None:
+                    finish(i, _execute(jobs[i], inputs, measures, spectral))
     return outcomes
+
+
+class _Passthrough(Exception):
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Batch:
