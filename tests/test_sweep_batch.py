@@ -254,3 +254,18 @@ def test_an_expression_undefined_at_one_member_names_that_member():
         e.over({"L": np.array([4.0, 3.0, 9.0]), "l": 1.0})
     assert "L=3.0" in str(err.value)
     assert math.isfinite(e.over({"L": np.array([4.0, 9.0]), "l": 1.0})[1])
+
+
+def test_members_report_progress_as_they_leave_the_batch_and_a_raising_callback_stops_the_sweep(monkeypatch):
+    net, grid, x = CASES["pre_ln_depth_mup"]
+    seen = []
+    no_single_runs(monkeypatch)
+    sweep(net, x, grid, measure="q_mean", progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 12) for k in range(1, 13)]
+
+    def stop(done, total):
+        if done == 4:
+            raise RuntimeError("stopped by the callback")
+
+    with pytest.raises(RuntimeError, match="stopped by the callback"):
+        sweep(net, x, grid, measure="q_mean", progress=stop)
