@@ -200,13 +200,14 @@ def test_layers_that_cannot_batch_are_refused_by_name_and_run_one_by_one():
         check_against_runs(res, network_model(net), grid, x, ["cos_mean", "q_mean"], rel=1e-15)
 
 
-def test_a_batch_that_a_map_refuses_falls_back_to_the_single_runs(monkeypatch):
-    """weight_var = 0 collapses one member's kernel to 0, and the LayerNorm after it raises for the whole batch:
-    every point is then its own run, the collapsed one fails alone, as in the per-point sweep."""
+def test_a_batch_that_a_map_refuses_for_one_member_is_split_down_to_that_members_single_run(monkeypatch):
+    """weight_var = 0 collapses two members' kernels to 0, and the LayerNorm after it raises for the whole batch:
+    the batch is halved until those two run alone; they fail, as in the per-point sweep, the others stay
+    batched."""
     net = Network(block=[Residual(Dense(weight_var="w"), LayerNorm(), Dense(), beta="1/sqrt(L)")], depth=2,
                   params={"w": 1.0})
     x = inputs.equicorrelated(4, 1.0, 0.2)
-    grid = {"w": [0.5, 0.0, 2.0], "L": [2, 3]}
+    grid = {"w": [0.5, 1.0, 0.0, 2.0], "L": [2, 3]}
     calls = []
     original = compute._execute
 
@@ -216,12 +217,12 @@ def test_a_batch_that_a_map_refuses_falls_back_to_the_single_runs(monkeypatch):
 
     monkeypatch.setattr(compute, "_execute", counted)
     res = sweep(net, x, grid, measure="cos_mean")
-    assert len(calls) == 6
+    assert sorted(job.network.params["w"] for job in calls) == [0.0, 0.0]       # 8 points: 6 batched, 2 alone
     monkeypatch.undo()
     single = sweep(net, x, grid, measure="cos_mean", batch=False)
     assert res.failures == single.failures and "zero variance" in res.failures[0]
     assert np.array_equal(res["cos_mean"], single["cos_mean"], equal_nan=True)
-    assert np.isnan(res["cos_mean"][1]).all() and not np.isnan(res["cos_mean"][[0, 2]]).any()
+    assert np.isnan(res["cos_mean"][2]).all() and not np.isnan(res["cos_mean"][[0, 1, 3]]).any()
 
 
 def test_batch_must_be_a_boolean():

@@ -160,28 +160,41 @@ def execute(jobs: list, inputs, measures, spectral, done: Callable[[int, object]
             groups.setdefault(structure_key(job.network), []).append(i)
         else:
             finish(i, _execute(job, inputs, measures, spectral))
+    def settle_from(chunk):
+        def settle(k, outcome):
+            try:
+                finish(chunk[k], outcome)
+            except BaseException as exc:   # the caller's (a progress callback's): not the batch's
+                raise _Passthrough(exc) from exc
+        return settle
+
+    def run(chunk):
+        """``chunk`` as one batch; when a map raises for one member's kernel (a NumericalError), the members
+        left run again as two halves, down to single runs; anything else: one run each."""
+        if len(chunk) == 1:
+            finish(chunk[0], _execute(jobs[chunk[0]], inputs, measures, spectral))
+            return
+        split = False
+        try:
+            _Batch([jobs[i] for i in chunk], inputs, measures, spectral).run(settle_from(chunk))
+        except _Passthrough as wrapped:
+            raise wrapped.error from None
+        except NumericalError:
+            split = True
+        except Exception:  # noqa: BLE001, S110 - whatever a batch meets, the single runs meet again, exactly
+            pass
+        rest = [i for i in chunk if outcomes[i] is None]      # the members the batch did not settle
+        if split and len(rest) > 1:
+            run(rest[:len(rest) // 2])
+            run(rest[len(rest) // 2:])
+            return
+        for i in rest:
+            finish(i, _execute(jobs[i], inputs, measures, spectral))
+
     size = batch_size(int(inputs.sigma.shape[0]))
     for members in groups.values():
         for lo in range(0, len(members), size):
-            chunk = members[lo:lo + size]
-            if len(chunk) == 1:
-                finish(chunk[0], _execute(jobs[chunk[0]], inputs, measures, spectral))
-                continue
-            def settle(k, outcome, chunk=chunk):
-                try:
-                    finish(chunk[k], outcome)
-                except BaseException as exc:   # the caller's (a progress callback's): not the batch's
-                    raise _Passthrough(exc) from exc
-
-            try:
-                _Batch([jobs[i] for i in chunk], inputs, measures, spectral).run(settle)
-            except _Passthrough as wrapped:
-                raise wrapped.error from None
-            except Exception:  # noqa: BLE001, S110 - whatever a batch meets, the single runs meet again, exactly
-                pass
-            for i in chunk:     # members the batch did not settle (it fell back): one run each
-                if outcomes[i] is None:
-                    finish(i, _execute(jobs[i], inputs, measures, spectral))
+            run(members[lo:lo + size])
     return outcomes
 
 
