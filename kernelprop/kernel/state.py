@@ -101,16 +101,16 @@ def per(x, trailing: int):
     """A field value against an array with ``trailing`` axes per batch member: a number as it is, an array
     of shape (B,) (one value per member) as (B, 1, …, 1), so ``per(w, 2) * sigma`` scales each kernel by
     its own member's value."""
-    if np.ndim(x) == 0:
+    if not isinstance(x, np.ndarray) or x.ndim == 0:
         return x
-    return np.reshape(x, np.shape(x) + (1,) * trailing)
+    return x.reshape(x.shape + (1,) * trailing)
 
 
 def nonzero(x) -> bool:
     """Whether a field value (a number, or one per batch member) is non-zero for some member."""
-    return bool(np.any(x != 0)) if np.ndim(x) else x != 0
+    return bool((x != 0).any()) if isinstance(x, np.ndarray) else x != 0
 
 
 def is_one(x) -> bool:
     """Whether a field value is exactly 1 for every member (a multiplication by it can be skipped)."""
-    return bool(np.all(x == 1.0)) if np.ndim(x) else x == 1.0
+    return bool((x == 1.0).all()) if isinstance(x, np.ndarray) else x == 1.0
