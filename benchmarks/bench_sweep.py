@@ -24,6 +24,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kernelprop import models  # noqa: E402
 from kernelprop.sweep import parse_param, sweep  # noqa: E402
 
+try:                                     # the line format of benchmarks/run_all.py
+    from results import result  # type: ignore[import-not-found]
+except ImportError:
+    def result(what: str, value: float, unit: str, target: str = "-") -> None:
+        print(f"RESULT | {what} | {value:.6g} | {unit} | {target} |", flush=True)
+
 MEASURES = ["cos_mean", "q_mean", "stable_rank"]
 
 
@@ -35,7 +41,7 @@ def timed(fn):
     return (time.perf_counter() - t0, time.process_time() - c0), out
 
 
-def row(label, scores, params):
+def row(label, scores, params, headline=False):
     options = models.PresetOptions(scores=scores)
     model, x, depth = models.sweep_model(preset_name="depth_mup", options=options)
     grid = dict(parse_param(p)[:2] for p in params)
@@ -46,6 +52,7 @@ def row(label, scores, params):
     points = int(np.prod([len(v) for v in grid.values()]))
     print(f"| {label} | {points} | {batched.runs} | {single_s:.2f} ({single_cpu:.2f}) | {batched_s:.2f} "
           f"({batched_cpu:.2f}) | {single_s / batched_s:.1f} | {diff:.1e} |")
+    return batched_s, single_s / batched_s, diff
 
 
 def main(quick: bool):
@@ -54,8 +61,14 @@ def main(quick: bool):
     print("| attention | grid points | runs | per point: wall (CPU) s | batched: wall (CPU) s | per point / batched "
           "| max rel. diff |")
     print("|---|---|---|---|---|---|---|")
-    row("zero-score (uniform), causal", "uniform", params)
-    row("tied scores, causal", "tied", params)
+    seconds, ratio, diff = row("zero-score (uniform), causal", "uniform", params)
+    tied = row("tied scores, causal", "tied", params)
+    print()
+    grid = "10x10 (quick)" if quick else "20x20"
+    result(f"depth-muP {grid} sweep, batched", seconds, "s", "<= 3" if not quick else "-")
+    result(f"depth-muP {grid} sweep, per point / batched", ratio, "x")
+    result(f"depth-muP {grid} sweep, tied scores, per point / batched", tied[1], "x")
+    result("batched vs per point, largest relative difference", max(diff, tied[2]), "rel", "<= 1e-12")
 
 
 if __name__ == "__main__":
