@@ -1,4 +1,4 @@
-"""Covariance SDEs of the proportional depth-width limit (kernelprop.finite.sde; docs/theory.md §15)."""
+"""Covariance SDEs of the proportional depth-width limit (kernelprop.finite.sde; docs/theory.md §16)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Covariance SDEs of the proportional depth-width limit (docs/theory.md §15).
+"""Covariance SDEs of the proportional depth-width limit (docs/theory.md §16).
 
 The state is the N×N token covariance ``V = X Xᵀ/n`` of a width-n network; one block changes it by
 ``O(1/n)`` in mean and ``O(1/sqrt n)`` in fluctuation, so with time ``t = ℓ/n`` (block ℓ, final time
@@ -92,7 +92,7 @@ def _wishart(l_a, db, l_b=None):
 
 @dataclass(frozen=True)
 class ResidualMLP:
-    """``x ← skip·x + branch·γ_φ φ(α_φ x W₁) W₂`` (Li, Nica & Roy 2022 with a skip; docs/theory.md §15.1).
+    """``x ← skip·x + branch·γ_φ φ(α_φ x W₁) W₂`` (Li, Nica & Roy 2022 with a skip; docs/theory.md §16.1).
 
     ``activation`` is a kernelprop :class:`~kernelprop.layers.Activation` (its ``input_shift`` and ``offset``
     must be 0); ``w1_var``/``w2_var`` are σ₁², σ₂². Two scalings have an SDE limit: a shaped activation
@@ -162,7 +162,7 @@ class ResidualMLP:
         return out
 
     def step(self, v, l_v, width, h, z):
-        """One step kept in the PSD cone (docs/theory.md §15.3). With ``b = λγσ₂``, ``λ_h² = 1 + hn(λ² − 1)``
+        """One step kept in the PSD cone (docs/theory.md §16.3). With ``b = λγσ₂``, ``λ_h² = 1 + hn(λ² − 1)``
         (λ² exactly when h = 1/n) and ``A = nγ²σ₂² − b²N/λ_h²``:
         ``V' = Y Yᵀ + x L_F(I + (w/x) dB₂)(I + (w/x) dB₂)ᵀ L_Fᵀ`` with ``Y = λ_h L_V + (b/λ_h) L_K dB₁ᵀ``
         (the skip-branch cross noise; its extra mean b²N h K/λ_h² is what A takes off), ``F`` the Gram of
@@ -226,7 +226,7 @@ def shaped_relu(width: int, c: float = 1.0) -> Activation:
 @dataclass(frozen=True)
 class ShapedTransformer:
     """``x ← skip·x + branch·concat_h(A_h X W_V,h)[W_O]``, shaped attention ``A_h = I + softmax(S_h) − C``
-    (Noci et al. 2023; docs/theory.md §15.2).
+    (Noci et al. 2023; docs/theory.md §16.2).
 
     Scores: independent queries and keys, ``S = q·k/sqrt(d_k)`` with ``qk_var = 1/(τ₀² n)``, i.e. the
     temperature ``τ₀ sqrt(n d_k)`` of the paper. ``value_var`` σ_v²; ``projection`` adds the output
@@ -322,7 +322,7 @@ class ShapedTransformer:
         return out + att * _sym(p1 @ v)
 
     def step(self, v, l_v, width, h, z):
-        """One positive semi-definite step (docs/theory.md §15.3): with ``dM`` and ``P₁`` as in
+        """One positive semi-definite step (docs/theory.md §16.3): with ``dM`` and ``P₁`` as in
         :meth:`step_noise` and ``B = (γ²σ²/τ₀²) E[P₂]``,
         ``V' = e^{hα}/(1 + c_M N h) · (I + P₁)(I + hB) L(I + dM)(I + dM)ᵀLᵀ (I + hB)ᵀ(I + P₁)ᵀ
         + h(γ²σ²/τ₀²)(1 − γ²σ²/H) V∘G``, α = n(λ² + γ²σ² − 1), ``E[dM dMᵀ] = c_M N h I``. Its mean and
@@ -478,7 +478,7 @@ def sde_trajectory(model, inputs: Inputs, width: int, depth: int, *, paths: int 
     describing ``model.network(width, depth)``, or such a Network itself: :func:`model_of`) from the input
     kernel over ``t ∈ [0, depth/width]``: ``paths`` independent paths, ``steps`` steps (or a step ``dt``;
     default: one step per block). Records at ``records + 1`` evenly spaced times (rounded to steps).
-    ``scheme``: ``"psd"`` (default; the step of docs/theory.md §15.3, PSD by construction) or ``"em"``
+    ``scheme``: ``"psd"`` (default; the step of docs/theory.md §16.3, PSD by construction) or ``"em"``
     (plain Euler–Maruyama); ``"auto"`` is ``"psd"``. Paths that leave the SDE's range are stopped
     (:func:`_em_step`); per-path values, mean, s.d., standard error and quantiles of every measure.
     """

@@ -1,4 +1,11 @@
-"""The forward state of the numeric engine at a layer boundary (docs/theory.md §0)."""
+"""The forward state of the numeric engine at a layer boundary (docs/theory.md §0).
+
+A state may hold a *batch* of kernels (docs/theory.md §15): ``sigma`` of shape (B, N, N), ``mean``
+(B, N), the errors of shape (B,), and the layers resolved over the batch hold a numeric field either as
+a number or as an array of shape (B,) (one value per member). The maps broadcast over the leading axis
+with :func:`per` (a field against a kernel or a vector); an unbatched state is the same code with
+scalar fields and 2-D kernels.
+"""
 
 from __future__ import annotations
 
@@ -29,17 +36,20 @@ class Dependence:
         if self.kind == "diag":
             return Dependence("diag", d * self.p, self.headwise)
         if self.kind == "dense":
-            return Dependence("dense", d[:, None] * self.p, self.headwise)
+            return Dependence("dense", d[..., :, None] * self.p, self.headwise)
         return self
 
-    def scale(self, c: float) -> Dependence:
-        """The dependence of ``c·f``."""
+    def scale(self, c) -> Dependence:
+        """The dependence of ``c·f`` (``c`` a number or one per batch member)."""
         if self.kind in ("diag", "dense"):
-            return Dependence(self.kind, c * self.p, self.headwise)
+            return Dependence(self.kind, per(c, self.p.ndim - 1) * self.p, self.headwise)
         return self
 
     def matrix(self, n):
-        return np.diag(self.p) if self.kind == "diag" else self.p if self.kind == "dense" else np.zeros((n, n))
+        """``P`` as an (…, N, N) array (a batch of them when ``p`` has a leading batch axis)."""
+        if self.kind == "diag":
+            return np.diag(self.p) if self.p.ndim == 1 else self.p[..., :, None] * np.eye(n)
+        return self.p if self.kind == "dense" else np.zeros((n, n))
 
 
 ZERO = Dependence("zero")
@@ -79,4 +89,28 @@ class KernelState:
 
     @property
     def n(self) -> int:
-        return self.sigma.shape[0]
+        return self.sigma.shape[-1]
+
+    @property
+    def batch(self) -> int | None:
+        """The number of kernels in a batched state (``sigma`` of shape (B, N, N)), None for one kernel."""
+        return self.sigma.shape[0] if self.sigma.ndim == 3 else None
+
+
+def per(x, trailing: int):
+    """A field value against an array with ``trailing`` axes per batch member: a number as it is, an array
+    of shape (B,) (one value per member) as (B, 1, …, 1), so ``per(w, 2) * sigma`` scales each kernel by
+    its own member's value."""
+    if not isinstance(x, np.ndarray) or x.ndim == 0:
+        return x
+    return x.reshape(x.shape + (1,) * trailing)
+
+
+def nonzero(x) -> bool:
+    """Whether a field value (a number, or one per batch member) is non-zero for some member."""
+    return bool((x != 0).any()) if isinstance(x, np.ndarray) else x != 0
+
+
+def is_one(x) -> bool:
+    """Whether a field value is exactly 1 for every member (a multiplication by it can be skipped)."""
+    return bool((x == 1.0).all()) if isinstance(x, np.ndarray) else x == 1.0

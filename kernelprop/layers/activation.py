@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import NotSupportedError, SpecError
 from ..kernel import activations
 from ..kernel.quadrature import check_kinks
-from ..kernel.state import UNKNOWN
+from ..kernel.state import UNKNOWN, is_one, nonzero, per
 from .base import Layer, Param, num, register_layer, resolved
 
 _NOT_GAUSSIAN = ("acts on a stream that is not zero-mean Gaussian (it follows another activation or dropout "
@@ -79,9 +79,15 @@ class Activation(Layer):
     # --- infinite width ------------------------------------------------------------------------
 
     def transform(self) -> tuple[float, float, float, float]:
-        """``(γ, α, β, δ)`` of a resolved layer."""
-        return (resolved(self.scale), resolved(self.input_scale), resolved(self.input_shift),
-                resolved(self.offset))
+        """``(γ, α, β, δ)`` of a resolved layer (γ, α, δ may be arrays of one value per batch member)."""
+        return (_number(self.scale), _number(self.input_scale), resolved(self.input_shift),
+                _number(self.offset))
+
+    def batch_refusal(self) -> str | None:
+        """Why the kernel map cannot take a batch of kernels (None: it can): a batch shares β and φ's params."""
+        if isinstance(self.input_shift, np.ndarray) or any(np.ndim(v) for v in self.params.values()):
+            return "input_shift and the activation's params must be the same for every member"
+        return None
 
     def kernel_map(self, s, ctx):
         if not s.gaussian or np.any(s.mean):
@@ -93,13 +99,13 @@ class Activation(Layer):
                 "the average of the kernels; put a Dense layer (or attention with value weights) in between")
         g, a, _, d = self.transform()
         k, m, err = self.inner_kernel(s.sigma, ctx.quad_nodes)
-        if d != 0.0:
-            k = k + d * (m[..., :, None] + m[..., None, :]) + d * d
-            m = m + d
+        if nonzero(d):
+            k = k + per(d, 2) * (m[..., :, None] + m[..., None, :]) + per(d * d, 2)
+            m = m + per(d, 1)
         dep = s.dep
         if dep is not None and dep.kind not in ("zero",):
             dep = UNKNOWN
-        out = s.replace(sigma=g * g * k, mean=g * m, gaussian=self.label == "identity",
+        out = s.replace(sigma=per(g * g, 2) * k, mean=per(g, 1) * m, gaussian=self.label == "identity",
                         dep=dep, quad_error=g * g * (a * a * s.quad_error + (1.0 + 2.0 * abs(d)) * err))
         sig_in, nodes = s.sigma, ctx.quad_nodes
 
@@ -115,7 +121,7 @@ class Activation(Layer):
         ``x ↦ φ(αx + β)`` with φ's kinks moved to ``(k − β)/α``."""
         _, a, b, _ = self.transform()
         if b == 0.0:
-            sig = sigma if a == 1.0 else (a * a) * np.asarray(sigma, dtype=np.float64)
+            sig = sigma if is_one(a) else per(a * a, 2) * np.asarray(sigma, dtype=np.float64)
             return activations.activation_kernel(self.name, sig, self.params, nodes=nodes,
                                                  kinks=self._own_kinks() or None)
         phi = self.pointwise()
@@ -242,6 +248,11 @@ class Activation(Layer):
         kmax = float(np.max(np.abs(kp))) if s.n else 0.0
         return out.replace(ntk=c * (s.ntk * kp), ntk_error=c * (kmax * s.ntk_error + big * err)), back
 
+
+
+def _number(v):
+    """A resolved field: a number, or an array of one value per batch member (kept as it is)."""
+    return v if isinstance(v, np.ndarray) else resolved(v)
 
 
 def _phi_kinks(layer) -> tuple:

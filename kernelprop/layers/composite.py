@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import NotSupportedError, SpecError
-from ..kernel.state import UNKNOWN, Dependence, KernelState
+from ..kernel.state import UNKNOWN, Dependence, KernelState, is_one, nonzero, per
 from ..network import expressions
 from .base import Layer, number_field, register_layer
 
@@ -30,6 +30,10 @@ class _Composite(Layer):
 
     def weight_list(self) -> list:
         return []
+
+    def batch_refusal(self) -> str | None:
+        """None: the sum of streams broadcasts over a batch of kernels (the children answer for themselves)."""
+        return None
 
 
 @register_layer
@@ -333,14 +337,14 @@ def walk(layer: Layer, prefix: str = ""):
 
 def branch_input(s: KernelState) -> KernelState:
     """The state entering a residual/parallel branch: its dependence on the branch input is the identity."""
-    return s.replace(dep=Dependence.identity(s.n), quad_error=0.0)
+    return s.replace(dep=Dependence.identity(s.n), quad_error=np.zeros(s.batch) if s.batch else 0.0)
 
 
 def _apply_dep(d: Dependence, v):
     if d.kind == "diag":
         return d.p * v
     if d.kind == "dense":
-        return d.p @ v
+        return (d.p @ v[..., :, None])[..., 0]
     return np.zeros_like(v)
 
 
@@ -352,29 +356,31 @@ def _cross(a: Dependence, ma, b: Dependence, mb, sigma, m):
     """
     if a.kind == "unknown" or b.kind == "unknown":
         raise NotSupportedError(_SKIP_NONLINEAR)
-    n = sigma.shape[0]
+    n = sigma.shape[-1]
     pm_a, pm_b = _apply_dep(a, m), _apply_dep(b, m)
     ra, rb = ma - pm_a, mb - pm_b
     out = None
     if a.kind == "zero" or b.kind == "zero":
         pass
     elif a.kind == "diag" and b.kind == "diag":
-        out = sigma * a.p[:, None]
-        out *= b.p[None, :]
+        out = sigma * a.p[..., :, None]
+        out *= b.p[..., None, :]
     else:
-        out = a.matrix(n) @ sigma @ b.matrix(n).T
+        out = a.matrix(n) @ sigma @ np.swapaxes(b.matrix(n), -1, -2)
     for u, v in ((pm_a, rb), (ra, pm_b), (ra, rb)):
         if u.any() and v.any():
-            out = np.outer(u, v) if out is None else out + np.outer(u, v)
+            uv = u[..., :, None] * v[..., None, :]
+            out = uv if out is None else out + uv
     return out
 
 
 def axpy(y, a, x):
-    """``y += a·x`` in place (y is owned by the caller), without a temporary when a == 1."""
-    if a == 1.0:
+    """``y += a·x`` in place (y is owned by the caller), without a temporary when a == 1; ``a`` a number or
+    one per batch member (shape (B,) against kernels (B, N, N))."""
+    if is_one(a):
         y += x
     else:
-        y += a * x
+        y += per(a, x.ndim - 1) * x
     return y
 
 
@@ -383,31 +389,31 @@ def combine(s: KernelState, alpha: float, outs, betas, ctx) -> KernelState:
     :func:`branch_input`), with every cross term."""
     streams = [(Dependence.identity(s.n), s.mean, s.sigma, alpha)]
     streams += [(o.dep, o.mean, o.sigma, b) for o, b in zip(outs, betas)]
-    headwise = [d.headwise for d, _, _, w in streams[1:] if w != 0 and d.kind != "zero"]
+    headwise = [d.headwise for d, _, _, w in streams[1:] if nonzero(w) and d.kind != "zero"]
     if sum(headwise) > 1:
         raise NotSupportedError(f"{ctx.where}: two parallel branches that are both multi-head weight-free "
                                 "mixings; their cross kernel needs per-head tracking")
     sigma = None
     for _, _, sig, w in streams:
-        if w != 0:
-            sigma = (w * w) * sig if sigma is None else axpy(sigma, w * w, sig)
+        if nonzero(w):
+            sigma = per(w * w, 2) * sig if sigma is None else axpy(sigma, w * w, sig)
     if sigma is None:
         sigma = np.zeros_like(s.sigma)
     for i in range(len(streams)):
         for j in range(i + 1, len(streams)):
             da, ma, _, wa = streams[i]
             db, mb, _, wb = streams[j]
-            if wa == 0 or wb == 0:
+            if not (nonzero(wa) and nonzero(wb)):
                 continue
             c = _cross(da, ma, db, mb, s.sigma, s.mean)
             if c is not None:
-                c += c.T
+                c += np.swapaxes(c, -1, -2)
                 sigma = axpy(sigma, wa * wb, c)
-    mean = sum(w * m for _, m, _, w in streams)
-    gaussian = s.gaussian and all(o.gaussian for o, b in zip(outs, betas) if b != 0)
+    mean = sum(per(w, 1) * m for _, m, _, w in streams)
+    gaussian = s.gaussian and all(o.gaussian for o, b in zip(outs, betas) if nonzero(b))
     quad = alpha * alpha * s.quad_error + sum(b * b * o.quad_error for o, b in zip(outs, betas))
     dep = s.dep if s.dep is None else _compose(s.dep, alpha, [o.dep for o in outs], betas, s.n)
-    head_blocks = s.head_blocks or any(o.head_blocks for o, b in zip(outs, betas) if b != 0)
+    head_blocks = s.head_blocks or any(o.head_blocks for o, b in zip(outs, betas) if nonzero(b))
     return s.replace(sigma=sigma, mean=mean, gaussian=gaussian, dep=dep, quad_error=quad, head_blocks=head_blocks)
 
 
@@ -415,13 +421,13 @@ def _compose(outer: Dependence, alpha, inner, betas, n) -> Dependence:
     """Linear part of ``α x + Σ β_b f_b(x)`` in the outer branch input, given x's own dependence."""
     if outer.kind in ("zero", "unknown"):
         return outer
-    live = [(d, b) for d, b in zip(inner, betas) if b != 0 and d.kind != "zero"]
+    live = [(d, b) for d, b in zip(inner, betas) if nonzero(b) and d.kind != "zero"]
     if any(d.kind == "unknown" for d, _ in live):
         return UNKNOWN
     if all(d.kind == "diag" for d, _ in live) and outer.kind == "diag":
-        p = alpha + sum(b * d.p for d, b in live)
+        p = per(alpha, 1) + sum(per(b, 1) * d.p for d, b in live)
         return Dependence("diag", p * outer.p, outer.headwise)
-    p = alpha * np.eye(n) + sum(b * d.matrix(n) for d, b in live)
+    p = per(alpha, 2) * np.eye(n) + sum(per(b, 2) * d.matrix(n) for d, b in live)
     return Dependence("dense", p @ outer.matrix(n), outer.headwise or any(d.headwise for d, _ in live))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NotSupportedError
-from ..kernel.state import ZERO
+from ..kernel.state import ZERO, per
 from .base import Layer, Param, choice, num, register_layer, resolved, unit_scale
 
 
@@ -39,8 +39,8 @@ class Dense(Layer):
         w = self.weight_var
         if self.is_unit("weight_var"):     # σ_w² mean_i Σ_ii + σ_b² = 1
             w = unit_scale(s.sigma, self.bias_var, f"{ctx.where}.weight_var")
-        sigma = w * s.sigma + self.bias_var
-        out = s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
+        sigma = per(w, 2) * s.sigma + per(self.bias_var, 2)
+        out = s.replace(sigma=sigma, mean=np.zeros(s.mean.shape), gaussian=True, dep=None if s.dep is None else ZERO,
                         width=self.width_factor, head_blocks=False, quad_error=w * s.quad_error)
         path, sig_in, width_in = ctx.path, s.sigma, s.width
 
@@ -48,6 +48,10 @@ class Dense(Layer):
             grads.append((path, "dense", width_in * float(np.vdot(sig_in, pi))))
             return w * pi
         return out, back
+
+    def batch_refusal(self) -> str | None:
+        """Why the kernel map cannot take a batch of kernels (None: it can)."""
+        return "weight_var = \"unit\" is chosen per kernel" if self.is_unit("weight_var") else None
 
     def sample(self, x, ctx):
         from ..montecarlo import sampler as S

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernel.state import nonzero, per
 from .base import Layer, Param, num, register_layer
 
 
@@ -26,15 +27,20 @@ class Dropout(Layer):
 
     def kernel_map(self, s, ctx):
         sigma = s.sigma.copy()
-        idx = np.diag_indices(s.n)
-        sigma[idx] /= 1.0 - self.p
-        out = s.replace(sigma=sigma, gaussian=s.gaussian and self.p == 0, quad_error=s.quad_error / (1.0 - self.p))
+        diag = np.einsum("...ii->...i", sigma)          # a writable view of every kernel's diagonal
+        diag /= per(1.0 - self.p, 1)
+        out = s.replace(sigma=sigma, gaussian=s.gaussian and not nonzero(self.p),
+                        quad_error=s.quad_error / (1.0 - self.p))
 
         def back(pi, grads):
             out = pi.copy()
             out[np.diag_indices_from(out)] /= 1.0 - self.p
             return out
         return out, back
+
+    def batch_refusal(self) -> str | None:
+        """None: the kernel map broadcasts over a batch of kernels."""
+        return None
 
     def sample(self, x, ctx):
         if self.p == 0:

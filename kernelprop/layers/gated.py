@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import NotSupportedError, NumericalError, SpecError
 from ..kernel import activations
-from ..kernel.state import ZERO
+from ..kernel.state import ZERO, per
 from .base import Layer, Param, choice, num, register_layer, resolved
 
 
@@ -86,18 +86,19 @@ class GatedMLP(Layer):
 
     def kernel_map(self, s, ctx):
         vg, vu, vd = self.gate_var, self.up_var, self.down_var
-        k, _, err = activations.activation_kernel(self.activation, vg * s.sigma, self.params, nodes=ctx.quad_nodes)
+        k, _, err = activations.activation_kernel(self.activation, per(vg, 2) * s.sigma, self.params,
+                                                  nodes=ctx.quad_nodes)
         with np.errstate(over="ignore", invalid="ignore"):
-            sig_h = vu * (k * s.sigma)               # E[h_i h_j] per hidden feature
-            sigma = vd * sig_h
+            sig_h = per(vu, 2) * (k * s.sigma)               # E[h_i h_j] per hidden feature
+            sigma = per(vd, 2) * sig_h
         if not np.all(np.isfinite(sigma)):
             raise NumericalError(ctx.where, "the gated MLP's output kernel is not finite",
                                  "lower gate_var/up_var/down_var or the input variance")
         # K's error scaled like the map; the input's error through Σ and through K (slope taken as ≤ 1)
-        a = float(np.max(np.diagonal(s.sigma))) if s.n else 0.0
-        kmax = float(np.max(np.abs(np.diagonal(k)))) if s.n else 0.0
+        a = np.max(np.diagonal(s.sigma, axis1=-2, axis2=-1), axis=-1) if s.n else 0.0
+        kmax = np.max(np.abs(np.diagonal(k, axis1=-2, axis2=-1)), axis=-1) if s.n else 0.0
         quad = vd * vu * (a * err + (kmax + vg * a) * s.quad_error)
-        out = s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
+        out = s.replace(sigma=sigma, mean=np.zeros(s.mean.shape), gaussian=True, dep=None if s.dep is None else ZERO,
                         quad_error=quad, head_blocks=False)
         path, sig_in, width_in, nodes = ctx.path, s.sigma, s.width, ctx.quad_nodes
         hidden = resolved(self.width_factor)
@@ -113,6 +114,11 @@ class GatedMLP(Layer):
             grads.append((f"{path}/down", "dense", hidden * float(np.vdot(sig_h, pi))))
             return vg * pi_gate + vu * pi_up
         return out, back
+
+    def batch_refusal(self) -> str | None:
+        """Why the kernel map cannot take a batch of kernels (None: it can): a batch shares φ's params."""
+        return "the activation's params must be the same for every member" if any(
+            np.ndim(v) for v in self.params.values()) else None
 
     # --- finite width --------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NumericalError
+from ..kernel.state import is_one, per
 from .base import Layer, Param, num, register_layer
 
 
@@ -25,33 +26,38 @@ class _Norm(Layer):
     def _scale(self, s, ctx, var):
         bad = np.flatnonzero(~(var > 0))
         if bad.size:
-            raise NumericalError(ctx.where, f"token {int(bad[0])} has zero variance entering {self.kind}",
+            raise NumericalError(ctx.where, f"token {int(bad[0] % s.n)} has zero variance entering {self.kind}",
                                  f"set {self.kind}.eps > 0, or fix the collapse upstream")
         return 1.0 / np.sqrt(var)
 
     def kernel_map(self, s, ctx):
         centre = self.centring
-        sig = s.sigma - np.outer(s.mean, s.mean) if centre else s.sigma
-        inv = self._scale(s, ctx, np.diag(sig) + self.eps)
+        sig = s.sigma - s.mean[..., :, None] * s.mean[..., None, :] if centre and np.any(s.mean) else s.sigma
+        inv = self._scale(s, ctx, np.diagonal(sig, axis1=-2, axis2=-1) + per(self.eps, 1))
         g = self.gain
-        sigma = (g * g) * sig * inv[:, None] * inv[None, :]
-        dep = s.dep.scale_rows(g * inv) if s.dep is not None else None
+        sigma = (sig if is_one(g * g) else per(g * g, 2) * sig) * inv[..., :, None]
+        sigma *= inv[..., None, :]
+        dep = s.dep.scale_rows(per(g, 1) * inv) if s.dep is not None else None
+        err = s.quad_error * g * g * inv.max(axis=-1) ** 2
         if centre:
-            mean = np.zeros(s.n)
+            mean = np.zeros(s.mean.shape)
             out = s.replace(sigma=sigma, mean=mean, dep=dep, gaussian=s.gaussian and not np.any(mean),
-                            quad_error=s.quad_error * g * g * inv.max() ** 2)
+                            quad_error=err)
         elif isinstance(self, LayerNorm):
-            mean = g * s.mean * inv
+            mean = per(g, 1) * s.mean * inv
             out = s.replace(sigma=sigma, mean=mean, dep=dep, gaussian=s.gaussian and not np.any(mean),
-                            quad_error=s.quad_error * g * g * inv.max() ** 2)
+                            quad_error=err)
         else:
-            out = s.replace(sigma=sigma, mean=g * s.mean * inv, dep=dep,
-                            quad_error=s.quad_error * g * g * inv.max() ** 2)
+            out = s.replace(sigma=sigma, mean=per(g, 1) * s.mean * inv, dep=dep, quad_error=err)
 
         def back(pi, grads):
             scale = self.gain / np.sqrt(np.diag(sig) + self.eps)
             return pi * np.outer(scale, scale)
         return out, back
+
+    def batch_refusal(self) -> str | None:
+        """None: the kernel map broadcasts over a batch of kernels."""
+        return None
 
     def sample(self, x, ctx):
         xin = x

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kernel.state import per
 from .base import Layer, Param, num, register_layer
 
 
@@ -25,8 +26,13 @@ class Scale(Layer):
         dep = s.dep
         if dep is not None and dep.kind in ("diag", "dense"):
             dep = dep.scale(c)
-        out = s.replace(sigma=(c * c) * s.sigma, mean=c * s.mean, dep=dep, quad_error=c * c * s.quad_error)
+        out = s.replace(sigma=per(c * c, 2) * s.sigma, mean=per(c, 1) * s.mean, dep=dep,
+                        quad_error=c * c * s.quad_error)
         return out, lambda pi, grads: (c * c) * pi
+
+    def batch_refusal(self) -> str | None:
+        """None: the kernel map broadcasts over a batch of kernels."""
+        return None
 
     def sample(self, x, ctx):
         c = self.c

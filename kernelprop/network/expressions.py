@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..errors import SpecError
 
@@ -47,6 +50,27 @@ class Expr:
     def __call__(self, env: dict) -> float:
         """The value in float64 at ``env``; a :class:`SpecError` naming the field if it is not a finite real."""
         return _run(ast.parse(self.text, mode="eval").body, env, self.field, self.text)
+
+    def over(self, env: dict):
+        """The value over a batch: ``env`` maps names to numbers or to arrays of shape (B,) (one value per
+        batch member); a number when no name used here is an array, else an array of shape (B,). The same
+        arithmetic in float64, elementwise (numpy's functions for math's); a member whose value is not a
+        finite real is a :class:`SpecError` naming the field and that member's values."""
+        if not any(np.ndim(env.get(k, 0.0)) for k in self.names):
+            return self(env)
+        with np.errstate(all="ignore"):
+            try:
+                v = np.asarray(_array_step(self.tree, env), dtype=np.float64)
+            except ZeroDivisionError:
+                v = np.array([np.nan])
+        size = max(np.size(env[k]) for k in self.names if np.ndim(env.get(k, 0.0)))
+        v = np.broadcast_to(v, (size,)).copy()
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:    # the member's own message, from the scalar evaluator
+            member = {k: (float(np.asarray(x)[bad[0]]) if np.ndim(x) else x) for k, x in env.items()}
+            self(member)
+            raise SpecError(self.field, self.text, f"is not a finite real number at {member}")
+        return v
 
     @property
     def tree(self) -> ast.expr:
@@ -176,6 +200,32 @@ def _step(node, env):
     if isinstance(node, ast.UnaryOp):
         return _UNARY[type(node.op)](_evaluate(node.operand, env))
     return FUNCTIONS[node.func.id](*(_evaluate(a, env) for a in node.args))
+
+
+_ARRAY_FUNCTIONS = {
+    "sqrt": np.sqrt, "exp": np.exp, "log": np.log, "sin": np.sin, "cos": np.cos, "tanh": np.tanh,
+    "abs": np.abs, "min": lambda *a: functools.reduce(np.minimum, a), "max": lambda *a: functools.reduce(np.maximum, a),
+}
+
+
+def _array_step(node, env):
+    """:func:`_step` over arrays (numpy's elementwise functions; a non-finite value propagates as NaN/inf)."""
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        if node.id in env:
+            return env[node.id]
+        return CONSTANTS[node.id]
+    if isinstance(node, ast.BinOp):
+        a, b = _array_step(node.left, env), _array_step(node.right, env)
+        if isinstance(node.op, ast.Pow):
+            return np.power(np.asarray(a, dtype=np.float64), b)
+        if isinstance(node.op, ast.Div):
+            return np.true_divide(np.asarray(a, dtype=np.float64), b)
+        return _BINOPS[type(node.op)](a, b)
+    if isinstance(node, ast.UnaryOp):
+        return _UNARY[type(node.op)](_array_step(node.operand, env))
+    return _ARRAY_FUNCTIONS[node.func.id](*(np.asarray(_array_step(a, env), dtype=np.float64) for a in node.args))
 
 
 def value(x, env: dict) -> float:

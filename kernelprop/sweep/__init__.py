@@ -5,8 +5,8 @@ An axis is a param of the network's ``params`` table (``beta``, ``a``, ``eps``, 
 (:data:`kernelprop.measures.SCALAR_MEASURES`) of the kernel after block ``L`` (``at="block"``) or of
 the network's output after its ``final`` layers (``at="output"``).
 
-**What is shared and what is rerun.** The engine propagates one kernel per run (its maps are not
-batched over parameters), so the sweep saves work only where runs are provably identical:
+**What is shared and what is rerun.** Each distinct network is one *run*; the sweep saves work
+where runs are provably identical:
 
 * *Depth axis, shared*: when no expression of the stem or blocks uses ``L`` (and, for a builder,
   the network it builds does not change with depth), block ``l`` of a depth-``d`` network is block
@@ -23,6 +23,13 @@ batched over parameters), so the sweep saves work only where runs are provably i
   description).
 * Each run records only the blocks it reads (``every``), keeps no kernels and skips eigenvalues
   unless a spectral measure is asked for.
+
+**Batched runs.** Runs whose networks differ only in their params' values and their depth are
+computed together, as one propagation of a batch of kernels (:mod:`kernelprop.sweep.batch`,
+docs/theory.md §15): each member stops at its own depth, so the work is the sum of the depths, and the
+results equal the single runs' to rounding. Layers that cannot batch (sampled standard scores, shared
+weights, ``"unit"`` variances, layer types without a batched map) run one network at a time;
+``sweep(..., batch=False)`` always does.
 
 A grid point whose run fails numerically (variance explodes or vanishes) is ``NaN`` and listed in
 ``failures``; in a shared depth run, the depths before the failing block are still read (from a

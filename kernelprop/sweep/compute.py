@@ -92,7 +92,7 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
           spacing: Mapping[str, str] | None = None,
           progress: Callable[[int, int], None] | None = None,
           workers: int | None = None, scheduler=None, cache: str | Path | None = None,
-          chunk: int | None = None) -> SweepResult:
+          chunk: int | None = None, batch: bool = True) -> SweepResult:
     """Evaluate ``measure`` on the grid ``params = {name: values, …}`` (one or two axes).
 
     ``model``: a :class:`~kernelprop.Network`, a :class:`~kernelprop.Spec`, a spec path or bundled
@@ -113,6 +113,11 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
     measures (keyed by its description, the input, the measures and the package version), so a
     rerun of an interrupted sweep computes only what is missing; ``cached`` counts the networks read
     from it.
+
+    ``batch`` (default True): networks that differ only in their params' values and depth run as one
+    vectorised propagation (:mod:`kernelprop.sweep.batch`, docs/theory.md §15), each member stopping at
+    its own depth; networks with a layer that cannot batch run one by one. ``batch=False`` runs one
+    propagation per network (the results agree to rounding, ≤ 1e-12 relative).
     """
     make, net0, inputs, meta = _model(model, inputs, depth)
     measures = _measures(measure, inputs)
@@ -151,8 +156,10 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
     plan.extend(_describe_plan(axes, kd, net0, make, jobs, shared_points, rerun_points, at))
 
     from .parallel import run_jobs
+    if not isinstance(batch, (bool, np.bool_)):
+        raise SpecError("batch", batch, "must be true or false")
     outcomes, cached = run_jobs(jobs, inputs, measures, spectral, workers=workers, scheduler=scheduler,
-                                cache=cache, chunk=chunk, progress=progress)
+                                cache=cache, chunk=chunk, progress=progress, batch=bool(batch))
     grid = {m: np.full(tuple(len(a.values) for a in axes), np.nan) for m in measures}
     failures: list[str] = []
     runs = 0

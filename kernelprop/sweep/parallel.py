@@ -81,11 +81,15 @@ class Cache:
 # running the jobs
 
 
-def _run_chunk(jobs, inputs, measures, spectral):
-    """Outcomes of ``jobs`` (runs on a worker). Errors of the package come back as data (their
-    constructors do not survive pickling); anything else raises, and Dask retries the chunk."""
+def _run_chunk(jobs, inputs, measures, spectral, batch=True):
+    """Outcomes of ``jobs`` (runs on a worker): as batches (:mod:`kernelprop.sweep.batch`), or one run per
+    job when ``batch`` is False. Errors of the package come back as data (their constructors do not survive
+    pickling); anything else raises, and Dask retries the chunk."""
+    from .batch import execute
     from .compute import _execute
     try:
+        if batch:
+            return execute(list(jobs), inputs, measures, spectral)
         return [_execute(job, inputs, measures, spectral) for job in jobs]
     except KernelpropError as exc:
         return _Raised(type(exc), str(exc), dict(vars(exc)))
@@ -104,8 +108,10 @@ class _Raised:
 
 def run_jobs(jobs: dict, inputs, measures, spectral, *, workers: int | None = None, scheduler=None,
              cache=None, chunk: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> tuple[list, int]:
-    """``(outcomes in the order of jobs, number read from the cache)``."""
+             progress: Callable[[int, int], None] | None = None, batch: bool = True) -> tuple[list, int]:
+    """``(outcomes in the order of jobs, number read from the cache)``. ``batch``: run jobs of one structure
+    as batched propagations (serially: all of them, in batches bounded in memory; on Dask: each chunk);
+    False: one propagation per job."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
                                 or workers < 0):
         raise SpecError("workers", workers, "must be a whole number >= 0 (0: one per core; 1: serial)")
@@ -139,14 +145,18 @@ def run_jobs(jobs: dict, inputs, measures, spectral, *, workers: int | None = No
             progress(done, total)
 
     if todo and (scheduler is not None or (workers is not None and workers != 1)):
-        _run_dask(items, todo, inputs, measures, spectral, workers, scheduler, chunk, finished)
+        _run_dask(items, todo, inputs, measures, spectral, workers, scheduler, chunk, finished, batch)
+    elif batch and todo:
+        from .batch import execute
+        execute([items[i][1] for i in todo], inputs, measures, spectral,
+                done=lambda k, outcome: finished([todo[k]], [outcome]))
     else:
         for i in todo:
-            finished([i], _run_chunk([items[i][1]], inputs, measures, spectral))
+            finished([i], _run_chunk([items[i][1]], inputs, measures, spectral, batch=False))
     return outcomes, cached
 
 
-def _run_dask(items, todo, inputs, measures, spectral, workers, scheduler, chunk, finished):
+def _run_dask(items, todo, inputs, measures, spectral, workers, scheduler, chunk, finished, batch=True):
     distributed = require("distributed", "dask", "a distributed sweep")
     own = []
     try:
@@ -169,7 +179,7 @@ def _run_dask(items, todo, inputs, measures, spectral, workers, scheduler, chunk
         threads = max(1, sum(client.nthreads().values()))
         size = chunk or max(1, math.ceil(len(todo) / (4 * threads)))
         chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
-        futures = {client.submit(_run_chunk, [items[i][1] for i in c], inputs, list(measures), spectral,
+        futures = {client.submit(_run_chunk, [items[i][1] for i in c], inputs, list(measures), spectral, batch,
                                  retries=RETRIES, pure=False): c for c in chunks}
         try:
             for future in distributed.as_completed(futures):

@@ -19,7 +19,7 @@ import numpy as np
 
 from ...errors import NotSupportedError, NumericalError, SpecError
 from ...inputs import segment_slices
-from ...kernel.state import ZERO, Dependence
+from ...kernel.state import ZERO, Dependence, is_one, nonzero, per
 from ..base import Layer, Param, choice, num, register_layer, resolved, unit_scale
 from ..composite import axpy
 from . import matrices as MX
@@ -237,13 +237,13 @@ class Attention(Layer):
                 sigma *= heads[0][0]
             for w, m in heads[1:]:
                 sigma = axpy(sigma, w, m.kernel(s.sigma))
-        if bv:       # (1/H) Σ_h (M_h 1)(M_h 1)ᵀ
+        if nonzero(bv):       # (1/H) Σ_h (M_h 1)(M_h 1)ᵀ
             ones = _ones_mixed(heads, s.n) if est is None else est.kernels[1]
         else:
             ones = None
         back = self._backward(heads, s.sigma, s.segments, ctx, est)
         if self.weight_free:
-            mean = sum(w * m.left(s.mean[:, None])[:, 0] for w, m in heads)
+            mean = sum(w * m.left(s.mean[..., :, None])[..., 0] for w, m in heads)
             dep = s.dep
             several = len(heads) > 1 or est is not None      # random standard scores count as several matrices
             if dep is not None and dep.kind in ("diag", "dense"):
@@ -263,14 +263,29 @@ class Attention(Layer):
             back = layer._backward(heads, s.sigma, s.segments, ctx, est)
         so = layer.out_var if layer.projection == "dense" else 1.0
         scale = sv * so
-        if scale != 1.0:
-            sigma *= scale
+        if not is_one(scale):
+            sigma *= per(scale, 2)
         if ones is not None:      # value bias: V = X W_V + 1 b_Vᵀ has kernel σ_v² Σ + σ_bv² 11ᵀ
-            sigma += (so * bv) * ones
-        if layer.projection == "dense" and layer.out_bias_var:
-            sigma += layer.out_bias_var
-        return s.replace(sigma=sigma, mean=np.zeros(s.n), gaussian=True, dep=None if s.dep is None else ZERO,
+            sigma += per(so * bv, 2) * ones
+        if layer.projection == "dense" and nonzero(layer.out_bias_var):
+            sigma += per(layer.out_bias_var, 2)
+        return s.replace(sigma=sigma, mean=np.zeros(s.mean.shape), gaussian=True, dep=None if s.dep is None else ZERO,
                          width=1.0, quad_error=scale * (s.quad_error + err), head_blocks=False), back
+
+    def batch_refusal(self) -> str | None:
+        """Why the kernel map cannot take a batch of kernels (None: it can): sampled scores, a unit σ_o² and
+        fields that shape the matrices themselves (ALiBi scale, RoPE, the SPA schedule) are per kernel."""
+        if self.scores == "standard":
+            return "scores = \"standard\" samples each kernel's scores"
+        if self.projection == "dense" and self.is_unit("out_var"):
+            return "out_var = \"unit\" is chosen per kernel"
+        used = {"alibi_scale": isinstance(self.bias, str), "rope_theta": self.rope_theta is not None,
+                "rope_fraction": self.rope_theta is not None, "spa_final": self.spa != "none",
+                "spa_step": self.spa != "none", "spa_layers": self.spa != "none"}
+        for name, read in used.items():
+            if read and np.ndim(getattr(self, name)):
+                return f"{name} differs between members (it shapes the attention matrices)"
+        return None
 
     def score_options(self, sigma, segments, cache=None, where="attention") -> dict:
         """What the score path of the backward rule needs besides the mixings: the key/query kernel (Σ, or C
@@ -733,7 +748,7 @@ def _head_dependent(layer, heads) -> bool:
     attention at zero scores, ``αI + β C_h − γ C_h = αI`` for β = γ."""
     if layer.heads == 1 or layer.bias is None or (not isinstance(layer.bias, str) and layer.bias.ndim == 2):
         return False
-    same = [isinstance(m, MX.Combination) and m.a is m.c and m.beta == m.gamma for _, m in heads]
+    same = [isinstance(m, MX.Combination) and m.a is m.c and bool(np.all(m.beta == m.gamma)) for _, m in heads]
     return not all(same)
 
 
@@ -782,8 +797,8 @@ def _ones_mixed(heads, n):
     pair of sequences for softmax rows, which sum to 1; not for identity, Value-SkipInit or shaped matrices)."""
     out = np.zeros((n, n))
     for w, m in heads:
-        r = m.left(np.ones((n, 1)))[:, 0]
-        out += w * np.outer(r, r)
+        r = m.left(np.ones((n, 1)))[..., 0]
+        out = out + w * (r[..., :, None] * r[..., None, :])
     return out
 
 
