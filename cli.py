@@ -610,6 +610,8 @@ def sweep_command(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder of finished runs, so an interrupted "
                                          "sweep resumes (default: .kernelprop-cache next to -o)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write a cache."),
+    batch: bool = typer.Option(True, "--batch/--no-batch", help="Propagate networks that differ only in param "
+                               "values and depth as one batch (default), or one run per network."),
     preset: Optional[str] = None,
     options=None,
 ):
@@ -642,7 +644,7 @@ def sweep_command(
             res = _sweep_progress(lambda cb: S.sweep(
                 model, x, {n: v for n, v, _ in axes}, measure=measure, depth=depth, at=at,
                 spacing={n: sp for n, _, sp in axes}, progress=cb, workers=workers, scheduler=scheduler,
-                cache=cache))
+                cache=cache, batch=batch))
         except SpecError as e:   # the sweep's params are --param, a preset's unknown knob --param or --set
             if e.field == "params" or e.field.startswith("params."):
                 raise SpecError("--param", e.value, e.allowed) from None

@@ -270,3 +270,19 @@ def test_members_report_progress_as_they_leave_the_batch_and_a_raising_callback_
 
     with pytest.raises(RuntimeError, match="stopped by the callback"):
         sweep(net, x, grid, measure="q_mean", progress=stop)
+
+
+def test_the_command_line_batches_by_default_and_no_batch_gives_the_same_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    runner = CliRunner()
+    args = ["sweep", "--preset", "depth_mup", "--tokens", "8", "--param", "L=1:50:5:log", "--param", "a=0.1:10:3:log",
+            "--no-figure", "--no-cache"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "b.csv")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "batched: 15 run(s) as 1 propagation(s)" in res.stderr
+    res = runner.invoke(app, [*args, "--no-batch", "-o", str(tmp_path / "n.csv")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "batched" not in res.stderr
+    assert (tmp_path / "b.csv").read_bytes() == (tmp_path / "n.csv").read_bytes()

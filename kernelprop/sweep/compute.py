@@ -158,6 +158,8 @@ def sweep(model, inputs: Inputs | None = None, params: Mapping[str, Sequence[flo
     from .parallel import run_jobs
     if not isinstance(batch, (bool, np.bool_)):
         raise SpecError("batch", batch, "must be true or false")
+    if batch and len(jobs) > 1:
+        plan.append(_describe_batches([job.network for job in jobs.values()]))
     outcomes, cached = run_jobs(jobs, inputs, measures, spectral, workers=workers, scheduler=scheduler,
                                 cache=cache, chunk=chunk, progress=progress, batch=bool(batch))
     grid = {m: np.full(tuple(len(a.values) for a in axes), np.nan) for m in measures}
@@ -286,6 +288,23 @@ def _describe_plan(axes, kd, net0, make, jobs, shared_points, rerun_points, at) 
                                                           " (a knob of the builder)"))
     plan.append(f"{len(jobs)} distinct run(s) for {int(np.prod([len(a.values) for a in axes]))} grid point(s)")
     return plan
+
+
+def _describe_batches(networks) -> str:
+    """One plan line: how many runs go into how many batched propagations, and why any run alone."""
+    from .batch import refusal, structure_key
+    alone, groups = [], set()
+    for net in networks:
+        why = refusal(net)
+        if why:
+            alone.append(why)
+        else:
+            groups.add(structure_key(net))
+    line = (f"batched: {len(networks) - len(alone)} run(s) as {len(groups)} propagation(s), one per structure"
+            if groups else "batched: none")
+    if alone:
+        line += f"; {len(alone)} run(s) one by one: {alone[0]}"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------
