@@ -26,6 +26,7 @@ from ..kernel.propagate import run_unit
 from ..kernel.state import KernelState
 from ..layers.attention import Attention
 from ..layers.attention import matrices as MX
+from ..layers.base import resolved
 from ..layers.composite import Parallel, Residual, Serial
 from ..montecarlo.simulate import Simulation, _Accumulator, _finish
 from ..network.network import Network
@@ -50,7 +51,7 @@ class ChainAttention(Attention):
         kernel), then the masked, biased softmax per sequence."""
         h, n = self.heads, len(sigma)
         f = MX._sqrt_factor(MX.score_kernel(self, sigma, ctx.where))
-        full = np.sqrt(self.qk_var) * (f @ ctx.chain_rng.standard_normal((h, n, n)) @ f.T)    # (H, N, N)
+        full = np.sqrt(resolved(self.qk_var)) * (f @ ctx.chain_rng.standard_normal((h, n, n)) @ f.T)    # (H, N, N)
         key = ("chain-offsets", id(self), max(segments))
         offsets = ctx.cache.get(key)
         if offsets is None:
@@ -124,7 +125,7 @@ def run(network: Network, inputs: Inputs, heads: int | None = None, samples: int
         state = KernelState(inputs.sigma.copy(), inputs.mean.copy(), inputs.segments)
         r = 0
 
-        def keep(s):
+        def keep(s, c=c):
             nonlocal r
             kerns[r, c], means[r, c] = s.sigma, s.mean
             rows[r].append(M.compute(s.sigma, s.segments, s.mean, spectral=spectral))

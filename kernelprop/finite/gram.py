@@ -45,6 +45,7 @@ from ..inputs import Inputs
 from ..layers.activation import Activation
 from ..layers.attention import Attention
 from ..layers.attention import matrices as MX
+from ..layers.base import resolved
 from ..layers.composite import Residual, Serial
 from ..layers.dense import Dense
 from ..layers.norm import LayerNorm, RMSNorm
@@ -224,9 +225,9 @@ def _split(f: np.ndarray, n: int) -> dict:
 
 def _dense_input(fx, var, bias_var):
     """``P = [σ F_x, σ_b 1]``: the rows whose product with a standard normal G is ``X W + 1bᵀ``."""
-    p = math.sqrt(var) * fx
+    p = math.sqrt(float(var)) * fx
     if bias_var:
-        p = np.concatenate([p, np.full(fx.shape[:2] + (1,), math.sqrt(bias_var))], axis=2)
+        p = np.concatenate([p, np.full(fx.shape[:2] + (1,), math.sqrt(float(bias_var)))], axis=2)
     return p
 
 
@@ -310,7 +311,7 @@ def _attention(layer: Attention, run: _Run):
     scores = None
     if layer.beta != 0 and mode != "uniform":
         gq = rng.standard_normal((b, h, r, dk))
-        q = math.sqrt(layer.qk_var) * np.matmul(fx[:, None], gq)              # (B, H, N, d_k)
+        q = math.sqrt(resolved(layer.qk_var)) * np.matmul(fx[:, None], gq)              # (B, H, N, d_k)
         if mode == "tied":
             scores = np.matmul(q, np.swapaxes(q, -1, -2)) / dk
         else:
@@ -330,12 +331,18 @@ def _attention(layer: Attention, run: _Run):
             if c is None:
                 c = run.cache[ckey] = MX.softmax(offsets.copy())
         m = np.zeros((b, h, t, t)) if layer.matrix == "softmax" else np.broadcast_to(
-            layer.alpha * np.eye(t), (b, h, t, t)).copy()
+            resolved(layer.alpha) * np.eye(t), (b, h, t, t)).copy()
         if layer.beta != 0:
-            a = np.broadcast_to(c, (b, h, t, t)) if mode == "uniform" else MX.softmax(scores[:, :, sl, sl] + offsets)
-            m += layer.beta * a
+            if mode == "uniform":
+                assert c is not None
+                a = np.broadcast_to(c, (b, h, t, t))
+            else:
+                assert scores is not None
+                a = MX.softmax(scores[:, :, sl, sl] + offsets)
+            m += resolved(layer.beta) * a
         if layer.matrix == "shaped" and layer.gamma != 0:
-            m -= layer.gamma * c
+            assert c is not None
+            m -= resolved(layer.gamma) * c
         mixes[:, :, sl, sl] = m
     pv = _dense_input(fx, layer.value_var, layer.value_bias_var)                 # (B, N, p)
     p = pv.shape[-1]
@@ -362,7 +369,7 @@ def _apply(layer, run: _Run, where: str):
     elif isinstance(layer, (LayerNorm, RMSNorm)):
         _norm(layer, run)
     elif isinstance(layer, Scale):
-        run.set_stream(layer.c * run.stream())
+        run.set_stream(resolved(layer.c) * run.stream())
     elif isinstance(layer, Attention):
         _attention(layer, run)
     else:
@@ -430,7 +437,7 @@ def sample(network: Network, inputs: Inputs, width: int, samples: int = 256, *, 
         run.stack.append(_input_space(inputs, width, bsz))
         r = 0
 
-        def keep(label):
+        def keep(label, run=run, bsz=bsz):
             nonlocal r
             if run.pending is not None:      # at a block record no residual is open: draw the coordinates
                 run.resolve(coords=True)
@@ -438,7 +445,8 @@ def sample(network: Network, inputs: Inputs, width: int, samples: int = 256, *, 
             kern = np.matmul(fx, np.swapaxes(fx, -1, -2))
             if not np.all(np.isfinite(kern)):
                 raise NumericalError(label, "the sampled Gram has NaN or infinite entries",
-                                     "lower weight_var / branch weights, add a normalisation layer, or reduce the depth")
+                                     "lower weight_var / branch weights, add a normalisation layer, "
+                                     "or reduce the depth")
             mean = np.matmul(fx, np.swapaxes(run.top.blocks["one"], -1, -2))[..., 0]
             acc.add(r, kern, mean)
             rows_per_record[r].extend(M.compute(kern[i], inputs.segments, mean[i], spectral=spectral)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,8 @@ class FinitePrediction:
     (n, R[, T₀])); ``method`` ``"chain"`` | ``"gram"`` | ``"sde"``. Per measure: :meth:`mean`, :meth:`sd`,
     :meth:`stderr`, :meth:`quantiles`, :meth:`bias` (finite mean − limit) and :meth:`bias_se`."""
 
-    limit: object
-    finite: object
+    limit: Any
+    finite: Any
     method: str
     width: int | None
     heads: int | None
@@ -74,7 +75,7 @@ class FinitePrediction:
         error estimate (``quad_error``, non-zero for random standard scores) where the measure is the kernel's
         scale (applied to every measure as an allowance)."""
         se = self.stderr(name)
-        q = np.asarray(self.limit.measures.get("quad_error", np.zeros(len(self.labels))), dtype=float)
+        q = np.array(self.limit.measures.get("quad_error", np.zeros(len(self.labels))), dtype=np.float64)
         q = q.reshape(q.shape + (1,) * (se.ndim - 1))
         return np.sqrt(se ** 2 + q ** 2)
 
@@ -147,6 +148,7 @@ def predict(network: Network, inputs: Inputs, *, width: int | None = None, heads
     if method == "chain":
         fin = chain.run(net, inputs, heads, samples, seed=seed, every=every, spectral=spectral)
     elif method == "gram":
+        assert width is not None
         fin = gram.sample(net, inputs, width, samples, seed=seed, every=every, spectral=spectral)
     else:   # dispatch point of the proportional depth-width limit
         try:
