@@ -73,12 +73,39 @@ def _two_sample(a, b):
     return ps
 
 
-@pytest.mark.parametrize("case", ["relu_mlp", "pre_ln", "post_ln", "attention"])
+NARROW_NET = """
+depth = 3
+[input]
+kind = "equicorrelated"
+tokens = 8
+q = 1.0
+rho = 0.3
+[[block]]
+type = "residual"
+beta = 0.7
+[[block.layers]]
+type = "dense"
+weight_var = 1.0
+bias_var = 0.2
+width_factor = 0.25
+[[block.layers]]
+type = "tanh"
+[[block.layers]]
+type = "dense"
+weight_var = 1.5
+[[block]]
+type = "layernorm"
+"""
+
+
+@pytest.mark.parametrize("case", ["relu_mlp", "pre_ln", "post_ln", "attention", "narrow"])
 def test_gram_sampler_matches_simulate(case):
     """Every measure at every block record: KS two-sample p-values of 200 Gram-space networks against 200
     simulated ones; criterion: no p below α/n (Bonferroni, α = 0.01)."""
     if case == "attention":
         spec, width = kp.loads(ATTENTION_NET), 32
+    elif case == "narrow":     # hidden width 4 < N = 8 tokens: singular Wisharts, rank-deficient Grams
+        spec, width = kp.loads(NARROW_NET), 16
     else:
         spec, width = _example(case, 4 if case == "relu_mlp" else 5, 8 if case == "relu_mlp" else 3), 32
     g = gram.sample(spec.network, spec.inputs, width, 200, seed=11, batch=200)
@@ -201,3 +228,23 @@ p = 0.1
     spec = kp.loads(text)
     with pytest.raises(NotSupportedError, match="dropout.*simulate"):
         gram.sample(spec.network, spec.inputs, 16, 4)
+
+
+def test_cli_run_width_and_heads(tmp_path):
+    """`kernelprop run --width D [--heads H] [--samples N]`: the table names the method; --heads alone runs the
+    chain; bad values exit 2 naming the flag."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    runner = CliRunner()
+    out = tmp_path / "fin.json"
+    res = runner.invoke(app, ["run", "relu_mlp", "-L", "3", "--width", "32", "--samples", "8", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "gram, width 32, 8 samples" in res.output and out.exists()
+    res = runner.invoke(app, ["run", "torch_encoder", "-L", "1", "--heads", "2", "--samples", "4"])
+    assert res.exit_code == 0, res.output
+    assert "chain, infinite width, 2 heads" in res.output
+    res = runner.invoke(app, ["run", "pre_ln", "-L", "1", "--width", "8"])
+    assert res.exit_code == 2 and "--width" in res.output
+    res = runner.invoke(app, ["run", "pre_ln", "-L", "1", "--width", "64", "--samples", "1"])
+    assert res.exit_code == 2 and "samples" in res.output

@@ -232,12 +232,6 @@ def _dense_input(fx, var, bias_var):
 
 
 def _dense(layer: Dense, run: _Run):
-    if layer.is_unit("weight_var"):
-        raise NotSupportedError(f"{run.where}: the Gram sampler has no rule for weight_var = \"unit\" (the scale "
-                                f"is measured on the realised output); {FALLBACK}")
-    if layer.init != "gaussian":
-        raise NotSupportedError(f"{run.where}: the Gram sampler draws Gaussian weights only (init = "
-                                f"\"{layer.init}\": a Haar frame is not Wishart); {FALLBACK}")
     fx = run.consume()
     run.pending = Pending(_dense_input(fx, layer.weight_var, layer.bias_var), layer.out_width(run.width), run.where)
 
@@ -289,17 +283,8 @@ def _residual(layer: Residual, run: _Run):
 
 
 def _attention(layer: Attention, run: _Run):
-    bad = [(layer.rope_theta is not None, "RoPE"), (layer.qk_norm != "none", "QK-norm"),
-           (layer.spa != "none", "SPA"), (layer.attention != "softmax", "identity attention"),
-           (layer.values != "dense" or layer.projection != "dense", "weight-free values or projection"),
-           (layer.is_unit("out_var"), "out_var = \"unit\"")]
-    for flag, what in bad:
-        if flag:
-            raise NotSupportedError(f"{run.where}: the Gram sampler has no rule for attention with {what}; {FALLBACK}")
     width = run.top.width if run.pending is None else run.pending.width
     h = layer.heads
-    if width % h:
-        raise SpecError("heads", h, f"must divide the width {width} (each head takes width/heads features)")
     fx = run.consume()
     rng, b = run.rng, run.batch
     n, r = fx.shape[1:]
@@ -352,6 +337,41 @@ def _attention(layer: Attention, run: _Run):
         heads.append(np.matmul(mixes[:, hh], np.matmul(pv, bart)))
     fo = _compress(np.concatenate(heads, axis=2) / math.sqrt(width))             # normalised rows of O
     run.pending = Pending(_dense_input(fo, layer.out_var, layer.out_bias_var), width, run.where)
+
+
+def _check_layer(layer, where: str, width: int, model: int) -> int:
+    """Refuse, before any draw, a layer the Gram sampler has no rule for (by name) and head counts that do not
+    divide the stream width (SpecError naming ``heads``); returns the output width."""
+    if isinstance(layer, Serial):
+        for i, child in enumerate(layer.layers):
+            width = _check_layer(child, f"{where}/{i}:{child.kind}", width, model)
+        return width
+    if isinstance(layer, Residual):
+        out = _check_layer(layer.branch, f"{where}/0:{layer.branch.kind}", width, model)
+        if out != width:
+            raise SpecError(f"{where}.width", out, f"the residual branch must return the stream width {width}")
+        return width
+    if isinstance(layer, Dense):
+        if layer.is_unit("weight_var") or layer.init != "gaussian":
+            what = "weight_var = \"unit\"" if layer.is_unit("weight_var") else f"init = \"{layer.init}\""
+            raise NotSupportedError(f"{where}: the Gram sampler has no rule for a Dense layer with {what} (Gaussian "
+                                    f"weights of a fixed variance only); {FALLBACK}")
+        return layer.out_width(model)
+    if isinstance(layer, Attention):
+        bad = [(layer.rope_theta is not None, "RoPE"), (layer.qk_norm != "none", "QK-norm"),
+               (layer.spa != "none", "SPA"), (layer.attention != "softmax", "identity attention"),
+               (layer.values != "dense" or layer.projection != "dense", "weight-free values or projection"),
+               (layer.is_unit("out_var"), "out_var = \"unit\"")]
+        for flag, what in bad:
+            if flag:
+                raise NotSupportedError(f"{where}: the Gram sampler has no rule for attention with {what}; {FALLBACK}")
+        if width % layer.heads:
+            raise SpecError("heads", layer.heads, f"must divide the width {width} (each head takes width/heads "
+                            f"features; at {where})")
+        return width
+    if isinstance(layer, (Activation, LayerNorm, RMSNorm, Scale)):
+        return width
+    raise NotSupportedError(f"{where}: the Gram sampler has no rule for layer `{layer.kind}`; {FALLBACK}")
 
 
 def _apply(layer, run: _Run, where: str):
@@ -422,6 +442,10 @@ def sample(network: Network, inputs: Inputs, width: int, samples: int = 256, *, 
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     n = inputs.n_tokens
+    w = width
+    for unit in units(network):
+        for i, part in enumerate(unit.parts):
+            w = _check_layer(part, unit.part_label(i), w, width)
     plan = RecordPlan(network, "blocks", every)
     labels = plan.all(network)
     if batch is None:
