@@ -248,3 +248,18 @@ def test_cli_run_width_and_heads(tmp_path):
     assert res.exit_code == 2 and "--width" in res.output
     res = runner.invoke(app, ["run", "pre_ln", "-L", "1", "--width", "64", "--samples", "1"])
     assert res.exit_code == 2 and "samples" in res.output
+
+
+def test_band_plot(tmp_path):
+    """The band figure: limit line, the finite mean and two quantile bands, simulated error bars."""
+    from kernelprop.plotting.finite import band_plot
+    spec = _example("relu_mlp", 4, 3)
+    pred = kp.propagate(spec.network, spec.inputs, width=16, samples=40, seed=0)
+    sim = simulate(spec.network, spec.inputs, 16, 8, seed=1, dong=False)
+    fig = band_plot(pred, "cos_mean", simulation=sim)
+    ax = fig.axes[0]
+    assert len(ax.collections) >= 2 and len(ax.lines) >= 2
+    limit_line = ax.lines[0].get_ydata()
+    assert np.allclose(limit_line, pred.limit["cos_mean"][[0, 1, 2, 3]])
+    with pytest.raises(SpecError):
+        band_plot(pred, "cos_mean", outer=(0.01, 0.99))
