@@ -59,6 +59,9 @@ def main():
         for t in lengths:
             spec = network(name, t, depth)
             for w in widths:
+                if w < t + 1:       # exact inputs need N + 1 features (both methods refuse narrower widths)
+                    print(f"| {name} | {w} | {t} | – | – | needs width ≥ {t + 1} |", flush=True)
+                    continue
                 ts = best_of(lambda: simulate(spec.network, spec.inputs, w, samples, seed=0, dong=False,
                                               spectral=False, keep_kernels=False), repeat)      # noqa: B023
                 tg = best_of(lambda: gram.sample(spec.network, spec.inputs, w, samples, seed=0, batch=samples,
