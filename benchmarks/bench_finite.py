@@ -62,10 +62,11 @@ def main():
                 if w < t + 1:       # exact inputs need N + 1 features (both methods refuse narrower widths)
                     print(f"| {name} | {w} | {t} | – | – | needs width ≥ {t + 1} |", flush=True)
                     continue
-                ts = best_of(lambda: simulate(spec.network, spec.inputs, w, samples, seed=0, dong=False,
-                                              spectral=False, keep_kernels=False), repeat)      # noqa: B023
-                tg = best_of(lambda: gram.sample(spec.network, spec.inputs, w, samples, seed=0, batch=samples,
-                                                 spectral=False), repeat)                     # noqa: B023
+                net, inputs = spec.network, spec.inputs
+                ts = best_of(lambda net=net, inputs=inputs, w=w: simulate(
+                    net, inputs, w, samples, seed=0, dong=False, spectral=False, keep_kernels=False), repeat)
+                tg = best_of(lambda net=net, inputs=inputs, w=w: gram.sample(
+                    net, inputs, w, samples, seed=0, batch=samples, spectral=False), repeat)
                 print(f"| {name} | {w} | {t} | {ts:.3f} | {tg:.3f} | {ts / tg:.2f} |", flush=True)
 
 
