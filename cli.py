@@ -192,9 +192,18 @@ def _spec_or_preset(spec, preset):
                         "give either a spec (file or bundled example) or --preset NAME")
 
 
+def _explicit_heads(ctx, options):
+    """``--heads`` when given on the command line (the finite prediction's heads), else None: its default
+    only builds presets."""
+    source = ctx.get_parameter_source("preset_heads") if ctx is not None else None
+    given = getattr(source, "name", None) == "COMMANDLINE"
+    return options.heads if given else None
+
+
 @app.command()
 @_preset_options()
 def run(
+    ctx: typer.Context,
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
                                          autocompletion=_complete_spec),
     config: Optional[Path] = typer.Option(None, "--config", help="Run a Hugging Face config.json instead of a spec "
@@ -208,6 +217,11 @@ def run(
     rows: int = typer.Option(24, help="Rows of the printed summary."),
     ntk: bool = typer.Option(False, "--ntk", help="Also propagate the neural tangent kernel Θ (NTK "
                              "parametrisation, docs/theory.md §14) and show its mean diagonal and condition number."),
+    width: Optional[int] = typer.Option(None, "--width", help="Also predict finite width D: the limit beside D-wide "
+                                        "networks drawn in Gram space (mean, s.d., bias; docs/finite-width.md). "
+                                        "--heads H, given explicitly, sets every attention layer's heads (without "
+                                        "--width: finite heads at infinite width, the chain of kernels)."),
+    samples: int = typer.Option(256, "--samples", help="Networks (or chains) drawn for the finite prediction."),
     preset: Optional[str] = None,
     options=None,
 ):
@@ -228,6 +242,21 @@ def run(
         labelled = output is not None and output.suffix.lower() in (".nc", ".zarr")
         if output is not None and not labelled:
             io.check_format(output)
+        heads = _explicit_heads(ctx, options)
+        if width is not None or heads is not None:     # the finite prediction beside the limit
+            if labelled:
+                from kernelprop.errors import SpecError
+                raise SpecError("--output", str(output), "the finite prediction is written as .json, .csv or .npz")
+            from kernelprop.finite.interface import predict
+            pred = predict(s.network, s.inputs, width=width, heads=heads, samples=samples,
+                           every=every or s.record["every"])
+            out.print(f"{s.network.name or spec} — depth {s.network.depth}, {s.inputs.description}", highlight=False)
+            out.print(pred.table(most=rows), highlight=False, crop=False, soft_wrap=True)
+            if output is not None:      # the finite samples' means and standard errors (montecarlo.simulate.write)
+                from kernelprop.montecarlo.simulate import write
+                write(pred.finite, output, spec_raw=s.raw)
+                err.print(f"wrote {_safe(output)}", highlight=False)
+            return
         traj = _with_progress(lambda cb: propagate(
             s.network, s.inputs, record="sublayers" if sublayers else s.record["mode"],
             every=every or s.record["every"], keep_kernels=output is not None and output.suffix in (".npz", ".nc",

@@ -80,7 +80,8 @@ class Trajectory(Records):
 def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every: int = 1,
               keep_kernels: bool = True, spectral: bool | str = "auto", quad_nodes: int | None = None,
               progress: Callable[[int, int], None] | None = None, ntk: bool = False,
-              memory_limit: int | None = None) -> Trajectory:
+              memory_limit: int | None = None, width: int | None = None, heads: int | None = None,
+              samples: int = 256, seed: int = 0) -> Trajectory:
     """Iterate the infinite-width kernel maps of ``network`` from ``inputs``.
 
     ``record``: ``"blocks"`` records the input, the stem output, every ``every``-th block (and the
@@ -91,9 +92,19 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     keep it per record (``Trajectory.ntk``); Θ = 0 at the input. ``memory_limit`` (bytes, default half
     the machine's memory) bounds the up-front estimate of :func:`check_memory`.
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
+    ``width`` / ``heads``: return instead a :class:`kernelprop.finite.interface.FinitePrediction` — this limit
+    beside ``samples`` finite-width (Gram sampler) or finite-heads (chain) draws, seeded by ``seed``
+    (docs/finite-width.md).
     A network with ``shared_weights`` runs on the joint-state interpreter
     (:func:`kernelprop.kernel.shared.propagate`, docs/theory.md §13).
     """
+    if width is not None or heads is not None:      # the finite prediction beside this limit
+        from ..finite.interface import predict
+        if ntk:
+            raise NotSupportedError("ntk=True with width= or heads= is not implemented: the finite prediction "
+                                    "covers the forward kernel")
+        return predict(network, inputs, width=width, heads=heads, samples=samples, seed=seed,  # type: ignore[return-value]
+                       record=record, every=every, spectral=spectral, quad_nodes=quad_nodes)
     if getattr(network, "shared_weights", False):
         from .shared import propagate as joint
         if ntk:
