@@ -226,3 +226,33 @@ def test_a_one_over_sqrt_depth_branch_follows_the_wide_limit_with_a_1_over_width
     assert abs(tr.mean["cos_mean"][-1] - wide) < 0.02 and abs(wide - x.sigma[0, 1]) > 0.1
     (dm, sm), (dv, sv) = _mean_and_variance_agree(a, b)
     assert dm < 4 * sm and dv < 4 * sv and b.var() > 10 * sv
+
+
+def test_propagate_with_method_sde_reads_the_sde_at_the_limits_records_and_agrees_with_the_simulator():
+    # the interface's "sde" method: t = depth/width = 1/2, paths read at the wide limit's block records
+    import kernelprop as kp
+    from kernelprop import montecarlo as mc
+    model = sde.ShapedTransformer(tau0=1.0, skip=0.9 ** 0.5, branch=0.1 ** 0.5, heads=1, causal=False)
+    net, x = model.network(64, 32), inputs.equicorrelated(4, 1.0, 0.2)
+    pred = kp.propagate(net, x, width=64, samples=2000, method="sde", every=8, seed=3)
+    assert pred.method == "sde" and pred.labels == ["input", "block 8", "block 16", "block 24", "block 32"]
+    assert pred.finite.stopped <= 0.01 and np.all(np.isfinite(pred.mean("cos_mean")))
+    sim = mc.simulate(net, x, 64, 200, every=8, dong=False, seed=5)
+    assert sim.labels == pred.labels
+    for name in ("cos_mean", "q_mean"):
+        se = np.hypot(sim.stderr[name][1:], pred.sd(name)[1:] / np.sqrt(2000))
+        z = (pred.mean(name)[1:] - sim.measures[name][1:]) / se
+        assert np.all(np.abs(z) < 4), (name, z)
+    with pytest.raises(kp.SpecError, match="width"):
+        kp.propagate(net, x, heads=2, method="sde")
+
+
+def test_width_without_a_method_picks_the_sde_where_the_gram_sampler_has_no_rule():
+    import kernelprop as kp
+    from kernelprop.errors import NotSupportedError
+    model = sde.ShapedTransformer(tau0=1.0, skip=0.9 ** 0.5, branch=0.1 ** 0.5, heads=1, causal=False)
+    x = inputs.equicorrelated(4, 1.0, 0.2)
+    assert kp.propagate(model.network(64, 8), x, width=64, samples=50).method == "sde"   # weight-free output
+    net = Network(block=[Residual(Attention(scores="standard", projection="none", values="identity"))], depth=2)
+    with pytest.raises(NotSupportedError, match="Gram sampler has no rule"):     # neither: the Gram refusal
+        kp.propagate(net, x, width=64, samples=50)

@@ -37,6 +37,8 @@ class ChainAttention(Attention):
     """Attention whose standard scores are one draw per head from the chain's own generator
     (``ctx.chain_rng``), head weight 1/H: a sample of the random kernel map, not its mean."""
 
+    expected_scores = False
+
     def mixings(self, sigma, segments, ctx) -> list:
         if self.rope_theta is None and self.matrix == "softmax" and self.attention == "softmax":
             return self._plain(sigma, segments, ctx)

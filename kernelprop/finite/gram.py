@@ -400,6 +400,16 @@ def _apply(layer, run: _Run, where: str):
 # entry point
 
 
+def check_network(network: Network, width: int) -> None:
+    """NotSupportedError naming the first layer the Gram sampler has no rule for (before any draw)."""
+    if getattr(network, "shared_weights", False):
+        raise NotSupportedError(f"the Gram sampler draws fresh weights per layer: shared_weights = true; {FALLBACK}")
+    w = width
+    for unit in units(network):
+        for i, part in enumerate(unit.parts):
+            w = _check_layer(part, unit.part_label(i), w, width)
+
+
 def check(inputs: Inputs, width, samples) -> None:
     """Bad input named: width ≥ 1, samples ≥ 2 (a spread needs two)."""
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
@@ -435,17 +445,12 @@ def sample(network: Network, inputs: Inputs, width: int, samples: int = 256, *, 
     which needs the coordinates, is not computed). Bad input: :func:`check`; unsupported layers are refused
     by name before any draw."""
     check(inputs, width, samples)
-    if getattr(network, "shared_weights", False):
-        raise NotSupportedError(f"the Gram sampler draws fresh weights per layer: shared_weights = true; {FALLBACK}")
+    check_network(network, width)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise SpecError("seed", seed, "must be a whole number >= 0")
     if spectral == "auto":
         spectral = max(inputs.segments) <= 512
     n = inputs.n_tokens
-    w = width
-    for unit in units(network):
-        for i, part in enumerate(unit.parts):
-            w = _check_layer(part, unit.part_label(i), w, width)
     plan = RecordPlan(network, "blocks", every)
     labels = plan.all(network)
     if batch is None:

@@ -138,7 +138,10 @@ def predict(network: Network, inputs: Inputs, *, width: int | None = None, heads
             spectral: bool | str = "auto", quad_nodes: int | None = None) -> FinitePrediction:
     """The limit and the finite-width / finite-heads prediction (see the module docstring)."""
     from ..kernel.propagate import propagate
+    chosen = method is None
     method = check(network, inputs, width, heads, samples, method)
+    if chosen and method == "gram":
+        method = _gram_or_sde(network if heads is None else _with_heads(network, heads), inputs, width)
     if record != "blocks":
         raise SpecError("record", record, "the finite prediction is recorded at whole blocks: use \"blocks\"")
     net = network
@@ -160,6 +163,21 @@ def predict(network: Network, inputs: Inputs, *, width: int | None = None, heads
                       spectral=spectral)
     return FinitePrediction(limit=limit, finite=fin, method=method, width=width, heads=heads, samples=samples,
                             meta=dict(seed=seed))
+
+
+def _gram_or_sde(network: Network, inputs: Inputs, width) -> str:
+    """``"gram"`` when the Gram sampler has a rule for every layer; else ``"sde"`` when the network is one the
+    covariance SDE describes (:func:`kernelprop.finite.sde.model_of`); else the Gram sampler's refusal."""
+    try:
+        gram.check_network(network, width)
+    except NotSupportedError as refusal:
+        from . import sde
+        try:
+            sde.model_of(network, width)
+        except SpecError:
+            raise refusal from None
+        return "sde"
+    return "gram"
 
 
 def _with_heads(network: Network, heads: int) -> Network:

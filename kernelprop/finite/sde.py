@@ -590,3 +590,40 @@ def _summarise(model, kept, at, h, width, depth, steps, paths, meta):
         quantiles={m: np.nanquantile(s, QUANTILES, axis=0).T for m, s in samples.items()},
         samples=samples, kernel_mean=kmean, model=model, width=width, depth=depth, steps=steps, paths=paths,
         stopped=1.0 - count / paths, meta=meta)
+
+
+@dataclass(frozen=True, eq=False)
+class SDESamples:
+    """The SDE's per-path measures at the records of the limit (:func:`run`): ``samples[name]`` (paths, R),
+    ``labels`` and ``blocks`` of those records, ``stopped`` the share of paths left out (≤ 1%)."""
+
+    labels: list
+    blocks: np.ndarray
+    samples: dict
+    stopped: float
+    trajectory: SDETrajectory
+
+
+def run(network: Network, inputs: Inputs, *, width: int | None, heads: int | None = None, samples: int = 1000,
+        seed: int = 0, every: int = 1, spectral: bool | str = "auto") -> SDESamples:
+    """The ``"sde"`` method of :func:`kernelprop.finite.interface.predict`: ``samples`` paths of the covariance
+    SDE of ``network`` at ``width`` (one step per block), read at the records of the wide limit
+    (``record="blocks"``, every ``every``-th block). Paths stopped before the last block are left out (at
+    most 1%, else NumericalError from :func:`sde_trajectory`). ``heads`` is already set on ``network``;
+    ``spectral`` is accepted for the interface (the SDE reports the measures of :func:`measures`)."""
+    from ..network.walk import RecordPlan
+    if width is None:
+        raise SpecError("width", None, "the SDE integrates t = depth/width: give a width")
+    depth = _whole("depth", network.depth, 1)
+    traj = sde_trajectory(network, inputs, width, depth, paths=samples, steps=depth, records=depth, seed=seed)
+    plan = RecordPlan(network, "blocks", every)
+    labels, blocks = [], []
+    for rec in plan.all(network):
+        labels.append(rec.label)
+        blocks.append(min(int(rec.block), depth))
+    index = {int(round(b)): i for i, b in enumerate(traj.blocks)}
+    cols = [index[b] for b in blocks]
+    keep = np.all(np.isfinite(traj.samples["q_mean"]), axis=1)
+    out = {m: s[keep][:, cols] for m, s in traj.samples.items()}
+    return SDESamples(labels=labels, blocks=np.array(blocks), samples=out, stopped=float(1.0 - keep.mean()),
+                      trajectory=traj)

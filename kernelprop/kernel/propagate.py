@@ -81,7 +81,7 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
               keep_kernels: bool = True, spectral: bool | str = "auto", quad_nodes: int | None = None,
               progress: Callable[[int, int], None] | None = None, ntk: bool = False,
               memory_limit: int | None = None, width: int | None = None, heads: int | None = None,
-              samples: int = 256, seed: int = 0) -> Trajectory:
+              samples: int = 256, seed: int = 0, method: str | None = None) -> Trajectory:
     """Iterate the infinite-width kernel maps of ``network`` from ``inputs``.
 
     ``record``: ``"blocks"`` records the input, the stem output, every ``every``-th block (and the
@@ -94,7 +94,8 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
     ``width`` / ``heads``: return instead a :class:`kernelprop.finite.interface.FinitePrediction` — this limit
     beside ``samples`` finite-width (Gram sampler) or finite-heads (chain) draws, seeded by ``seed``
-    (docs/finite-width.md).
+    (docs/finite-width.md); ``method="sde"`` integrates the proportional depth-width limit instead
+    (docs/theory.md §16).
     A network with ``shared_weights`` runs on the joint-state interpreter
     (:func:`kernelprop.kernel.shared.propagate`, docs/theory.md §13).
     """
@@ -104,7 +105,7 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
             raise NotSupportedError("ntk=True with width= or heads= is not implemented: the finite prediction "
                                     "covers the forward kernel")
         return predict(network, inputs, width=width, heads=heads, samples=samples, seed=seed,  # type: ignore[return-value]
-                       record=record, every=every, spectral=spectral, quad_nodes=quad_nodes)
+                       record=record, every=every, spectral=spectral, quad_nodes=quad_nodes, method=method)
     if getattr(network, "shared_weights", False):
         from .shared import propagate as joint
         if ntk:

@@ -208,10 +208,14 @@ class Attention(Layer):
         """``[(weight, M_h)]`` for this layer on kernel ``sigma`` (random scores seeded by ``ctx``)."""
         return MX.head_mixings(self, sigma, segments, ctx.cache, seed=ctx.next_seed(), where=ctx.where)
 
+    #: standard scores: the kernel map takes the expectation over the scores (False: a subclass whose
+    #: :meth:`mixings` are one sample of the random map, e.g. the finite-heads chain of kernelprop.finite)
+    expected_scores = True
+
     def kernel_map(self, s, ctx):
         est = None
         bv = self.value_bias_var if self.values == "dense" else 0.0
-        if self.scores == "standard":   # Gaussian scores: expansion + control-variate pairs (docs/theory.md §2.7)
+        if self.scores == "standard" and self.expected_scores:   # expansion + control-variate pairs (§2.7)
             est = STD.Estimator(self, s.sigma, s.segments, ctx.cache, seed=ctx.next_seed(), where=ctx.where)
             xs = [s.sigma] + ([np.ones_like(s.sigma)] if bv else [])
             kernels, mean_m, errs = est.forward(xs, want_mean=self.weight_free)
