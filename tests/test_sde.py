@@ -253,6 +253,6 @@ def test_width_without_a_method_picks_the_sde_where_the_gram_sampler_has_no_rule
     model = sde.ShapedTransformer(tau0=1.0, skip=0.9 ** 0.5, branch=0.1 ** 0.5, heads=1, causal=False)
     x = inputs.equicorrelated(4, 1.0, 0.2)
     assert kp.propagate(model.network(64, 8), x, width=64, samples=50).method == "sde"   # weight-free output
-    net = Network(block=[Residual(Attention(scores="standard", projection="none", values="identity"))], depth=2)
+    net = Network(block=[Residual(Attention(scores="standard", projection="identity", values="identity"))], depth=2)
     with pytest.raises(NotSupportedError, match="Gram sampler has no rule"):     # neither: the Gram refusal
         kp.propagate(net, x, width=64, samples=50)
