@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -75,8 +75,18 @@ class KernelState:
     ntk_error: float = 0.0
 
     def replace(self, **kw) -> KernelState:
-        return replace(self, **kw)
+        """A copy with the fields ``kw`` changed (a shallow copy of the field values, as ``dataclasses.replace``
+        without re-running ``__init__``: the maps call it several times per layer)."""
+        unknown = kw.keys() - _STATE_FIELDS
+        if unknown:
+            raise TypeError(f"KernelState has no field {sorted(unknown)[0]!r}")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__, **kw)
+        return new
 
     @property
     def n(self) -> int:
         return self.sigma.shape[0]
+
+
+_STATE_FIELDS = frozenset(f.name for f in fields(KernelState))

@@ -61,14 +61,30 @@ def logit_offsets(layer, t: int, where: str) -> np.ndarray:
     return out
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray, flush: bool = True) -> np.ndarray:
     """Row softmax over the last axis, in place on ``z``: masked (−inf) entries are exactly 0 and
-    weights below e^−700 are flushed to 0 (no denormals)."""
+    weights below e^−700 are flushed to 0 (no denormals). ``flush=False`` when the caller knows every
+    finite logit of a row lies within 700 of the row's largest (then nothing would be flushed)."""
     z -= z.max(axis=-1, keepdims=True)
-    z[z < _UNDERFLOW] = -np.inf
+    if flush:
+        z[z < _UNDERFLOW] = -np.inf
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
     return z
+
+
+def cached_offsets(layer, t: int, where: str, cache: dict | None) -> np.ndarray:
+    """:func:`logit_offsets`, kept in ``cache`` per (mask, bias, heads, length): built and checked once per run.
+    The array is shared: callers must not write to it."""
+    if cache is None:
+        return logit_offsets(layer, t, where)
+    bias_key = id(layer.bias) if isinstance(layer.bias, np.ndarray) else layer.bias
+    key = ("offsets", layer.causal, bias_key, layer.alibi_scale, layer.heads, t)
+    out = cache.get(key)
+    if out is None:
+        out = cache[key] = logit_offsets(layer, t, where)
+        out.flags.writeable = False
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,8 +117,7 @@ class Mixing:
 
     def kernel(self, sigma: np.ndarray) -> np.ndarray:
         """``M Σ Mᵀ`` for symmetric Σ, as ``M (M Σ)ᵀ`` using two left products."""
-        out = self.left(self.left(sigma).T)
-        return (out + out.T) * 0.5
+        return symmetrised(self.left(self.left(sigma).T))
 
     def cross(self, sigma: np.ndarray) -> np.ndarray:
         """``Σ Mᵀ`` = E[x fᵀ] for ``f = M x``."""
@@ -155,12 +170,33 @@ class Uniform(Mixing):
         return out
 
 
-class Dense(Mixing):
-    """An explicit row-stochastic (or any) matrix per sequence."""
+def symmetrised(out: np.ndarray) -> np.ndarray:
+    """``(X + Xᵀ)/2`` in place on ``out`` (a fresh N×N result): exactly symmetric, the value of the
+    out-of-place form."""
+    out += out.T
+    out *= 0.5
+    return out
 
-    def __init__(self, segments, blocks):
+
+class Dense(Mixing):
+    """An explicit row-stochastic (or any) matrix per sequence; ``lower``: every block is lower triangular
+    (a causal mask), so ``A Σ Aᵀ`` takes two triangular products (half the flops of two dense ones)."""
+
+    def __init__(self, segments, blocks, lower: bool = False):
         super().__init__(segments)
         self.blocks = list(blocks)
+        self.lower = lower
+
+    def kernel(self, sigma):
+        """``A Σ Aᵀ``: for one lower-triangular block, ``B = A Σ`` and ``B Aᵀ`` by BLAS ``trmm`` (T³ flops each
+        instead of 2T³); otherwise the two left products of :meth:`Mixing.kernel`. Symmetrised either way."""
+        if not (self.lower and len(self.blocks) == 1 and sigma.ndim == 2):
+            return super().kernel(sigma)
+        from scipy.linalg.blas import dtrmm
+        at = self.blocks[0].T             # Fortran-ordered view of A: the upper-triangular matrix Aᵀ
+        b = dtrmm(1.0, at, sigma.T, side=0, lower=0, trans_a=1)                # (Aᵀ)ᵀ Σᵀ = A Σ (Σ symmetric)
+        out = dtrmm(1.0, at, b, side=1, lower=0, trans_a=0, overwrite_b=1)     # (A Σ) Aᵀ
+        return symmetrised(out)
 
     def left(self, x):
         if len(self.blocks) == 1:
@@ -209,15 +245,22 @@ class Combination(Mixing):
         return out
 
 
-def _softmax_blocks(segments, logits_of, offsets):
-    """Per sequence: ``softmax(logits + offsets)`` with ``offsets`` the (t_max × t_max) bias and mask."""
+def _softmax_blocks(segments, logits_of, offsets, lower=False, flush=True, fresh=False):
+    """Per sequence: ``softmax(logits + offsets)`` with ``offsets`` the (t_max × t_max) bias and mask.
+    ``lower``: the mask is causal (lower-triangular blocks); ``flush``: see :func:`softmax`; ``fresh``:
+    ``logits_of`` returns a new array each call, so the sum and the softmax run in place on it."""
     blocks = []
     for sl, t in zip(segment_slices(segments), segments):
-        blocks.append(softmax(logits_of(sl, t) + offsets[:t, :t]))
-    return Dense(segments, blocks)
+        if fresh:
+            z = logits_of(sl, t)
+            z += offsets[:t, :t]
+        else:
+            z = logits_of(sl, t) + offsets[:t, :t]
+        blocks.append(softmax(z, flush))
+    return Dense(segments, blocks, lower)
 
 
-def _linear_blocks(segments, logits_of, offsets):
+def _linear_blocks(segments, logits_of, offsets, lower=False, flush=True, fresh=False):
     """Identity attention (no softmax): ``A = S + B`` with masked entries 0 (Hron et al. 2020)."""
     blocks = []
     for sl, t in zip(segment_slices(segments), segments):
@@ -225,7 +268,7 @@ def _linear_blocks(segments, logits_of, offsets):
         a = logits_of(sl, t) + np.where(np.isfinite(off), off, 0.0)
         a[~np.isfinite(off)] = 0.0
         blocks.append(a)
-    return Dense(segments, blocks)
+    return Dense(segments, blocks, lower)
 
 
 def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, seed=(0,), where="attention") -> list:
@@ -244,7 +287,7 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
             raise SpecError("attention.matrix", "shaped", "cannot be combined with spa")
         return [(1.0, a)]
     longest = max(segments)
-    offsets = logit_offsets(layer, longest, where)
+    offsets = cached_offsets(layer, longest, where, cache)
     if layer.bias is None:
         distinct = [(1.0, 0)]
     elif isinstance(layer.bias, np.ndarray) and layer.bias.ndim == 2:
@@ -255,9 +298,10 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
     def zero_score(h):
         if layer.bias is None:
             return Uniform(segments, layer.causal)
-        return _softmax_blocks(segments, lambda sl, t: np.zeros((t, t)), offsets[h])
+        return _softmax_blocks(segments, lambda sl, t: np.zeros((t, t)), offsets[h], layer.causal, fresh=True)
 
     blocks_of = _linear_blocks if layer.attention == "identity" else _softmax_blocks
+    lower = layer.causal
     bias_key = id(layer.bias) if isinstance(layer.bias, np.ndarray) else layer.bias
     kq = score_kernel(layer, sigma, where) if layer.scores != "uniform" else sigma
     rotary = layer.rope_theta is not None
@@ -289,11 +333,22 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
         elif layer.scores == "uniform":  # identity attention at zero scores: the bias alone
             a = blocks_of(segments, lambda sl, t: np.zeros((t, t)), offsets[h])
         elif rotary:  # tied with RoPE: σ_qk² Σ_ij ρ(j − i)
-            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl] * offs[t], offsets[h])
+            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl] * offs[t], offsets[h], lower,
+                          fresh=True)
         else:  # tied 1/d scaling: deterministic scores σ_qk² Σ (Hron et al. 2020; C under QK-norm)
-            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl], offsets[h])
+            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl], offsets[h], lower,
+                          _flush_needed(layer, kq), fresh=True)
         out.append((weight, _modified(layer, a, c)))
     return out
+
+
+def _flush_needed(layer, kq) -> bool:
+    """Whether a tied softmax without bias can have a weight below e^−700: its finite logits σ_qk² K_ij lie
+    within ``2 σ_qk² max_i K_ii`` of each other (``|K_ij| ≤ max_i K_ii`` for PSD K, with a margin for rounding)."""
+    if layer.bias is not None:
+        return True
+    top = float(np.max(np.diagonal(kq, axis1=-2, axis2=-1))) if kq.size else 0.0
+    return not 2.0 * abs(layer.qk_var) * top * (1 + 1e-6) < -_UNDERFLOW
 
 
 def score_sampler(layer, kq: np.ndarray, segments, seed=(0,), cache: dict | None = None):
