@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,17 +122,17 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
 NTK_MEASURES = ("ntk_mean", "ntk_cond", "ntk_error")
 
 
-def measure_names(measures, spectral: bool | str = "auto", ntk: bool = False):
+def measure_names(measures, spectral: bool | str = "auto", ntk: bool = False, field: str = "measures"):
     """``(names, spectral)``: the checked measure names (None: all) and the ``spectral`` setting they imply —
     a spectral measure asked by name is computed whatever the size (``"auto"`` becomes True); with
     ``spectral=False`` asking for one is a :class:`~kernelprop.errors.SpecError`."""
     from ..errors import SpecError
     if measures is None:
         return None, spectral
-    names = M.check_names(measures, extra=NTK_MEASURES if ntk else ())
+    names = M.check_names(measures, field, extra=NTK_MEASURES if ntk else ())
     asked = [n for n in names if n in M.SPECTRAL or n == "ntk_cond"]
     if asked and spectral is False:
-        raise SpecError("measures", asked[0], "is a spectral measure, and spectral=False: drop it or allow spectra")
+        raise SpecError(field, asked[0], "is a spectral measure, and spectral=False: drop it or allow spectra")
     if spectral == "auto" and asked:
         spectral = True
     return names, spectral
@@ -153,7 +154,6 @@ def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None 
     """The estimate of :func:`check_memory` for ``n`` tokens and ``kept`` stored kernels (usable before the
     input kernel is built, e.g. for a preset's ``--tokens``)."""
     from ..errors import SpecError
-    from ..montecarlo.sampler import machine_memory
     need = 8 * n * n * (WORKING_KERNELS + kept) * (2 if ntk else 1)
     limit = machine_memory() // 2 if limit is None else int(limit)
     if need > limit:
@@ -162,6 +162,15 @@ def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None 
                         f"{limit / 2 ** 30:.1f} GiB allowed (half this machine's memory): use fewer tokens "
                         "(--tokens or input.tokens), or record fewer kernels")
     return need
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes (24 GiB if the system does not say; the Monte Carlo's estimate, without importing
+    the Monte Carlo)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 24 * 2 ** 30
 
 
 def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels: bool = True,

@@ -77,9 +77,8 @@ class KernelState:
     def replace(self, **kw) -> KernelState:
         """A copy with the fields ``kw`` changed (a shallow copy of the field values, as ``dataclasses.replace``
         without re-running ``__init__``: the maps call it several times per layer)."""
-        unknown = kw.keys() - _STATE_FIELDS
-        if unknown:
-            raise TypeError(f"KernelState has no field {sorted(unknown)[0]!r}")
+        if not _STATE_FIELDS.issuperset(kw):
+            raise TypeError(f"KernelState has no field {sorted(set(kw) - _STATE_FIELDS)[0]!r}")
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__, **kw)
         return new

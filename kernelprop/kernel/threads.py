@@ -44,10 +44,11 @@ def _count(value, field: str) -> int:
     return n
 
 
-def choose(tokens: int, threads: int | None = None) -> int:
-    """The BLAS thread count for kernels of ``tokens`` tokens (see the module docstring)."""
+def choose(tokens: int, threads: int | None = None, field: str = "threads") -> int:
+    """The BLAS thread count for kernels of ``tokens`` tokens (see the module docstring); ``field`` names
+    ``threads`` in the error if it is not a whole number >= 1."""
     if threads is not None:
-        return _count(threads, "threads")
+        return _count(threads, field)
     env = os.environ.get(ENV, "").strip()
     if env:
         return _count(env, ENV)
