@@ -46,14 +46,17 @@ def _tied_softmax(sigma, qk, causal, flush=True):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_tied_mixing_equals_the_written_out_product(causal):
-    sigma = _psd(37, 1)
+@pytest.mark.parametrize("t", [37, 150])       # 150: the dense product by the split Σ = L + Lᵀ
+def test_tied_mixing_equals_the_written_out_product(causal, t):
+    sigma = _psd(t, 1)
     layer = Attention(scores="tied", causal=causal, qk_var=0.7)
-    (w, m), = MX.head_mixings(layer, sigma, (37,), {})
+    (w, m), = MX.head_mixings(layer, sigma, (t,), {})
     a = _tied_softmax(sigma, 0.7, causal)
     out = m.kernel(sigma)
-    np.testing.assert_allclose(out, a @ sigma @ a.T, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(out, a @ sigma @ a.T, rtol=1e-13, atol=1e-14)
     assert np.array_equal(out, out.T)                      # exactly symmetric
+    collapsed = 0.999 + 0.001 * sigma                      # near rank one: no cancellation in the split
+    np.testing.assert_allclose(m.kernel(collapsed), a @ collapsed @ a.T, rtol=1e-13)
     assert w == 1.0 and m.lower == causal
 
 

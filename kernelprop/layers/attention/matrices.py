@@ -188,15 +188,26 @@ class Dense(Mixing):
         self.lower = lower
 
     def kernel(self, sigma):
-        """``A Σ Aᵀ``: for one lower-triangular block, ``B = A Σ`` and ``B Aᵀ`` by BLAS ``trmm`` (T³ flops each
-        instead of 2T³); otherwise the two left products of :meth:`Mixing.kernel`. Symmetrised either way."""
-        if not (self.lower and len(self.blocks) == 1 and sigma.ndim == 2):
+        """``A Σ Aᵀ`` for one block (docs/theory.md §2.7): lower-triangular A (causal), ``B = A Σ`` and ``B Aᵀ``
+        by BLAS ``trmm`` (T³ flops each instead of 2T³), symmetrised; dense A from 128 tokens on, the symmetry
+        of Σ: ``Σ = L + Lᵀ`` with L its lower triangle (half diagonal), ``D = (A L) Aᵀ`` (trmm, then one
+        product: 3T³ flops instead of 4T³) and ``A Σ Aᵀ = D + Dᵀ``. Otherwise the two left products of
+        :meth:`Mixing.kernel`."""
+        if len(self.blocks) != 1 or sigma.ndim != 2 or not (self.lower or len(sigma) >= 128):
             return super().kernel(sigma)
         from scipy.linalg.blas import dtrmm
-        at = self.blocks[0].T             # Fortran-ordered view of A: the upper-triangular matrix Aᵀ
-        b = dtrmm(1.0, at, sigma.T, side=0, lower=0, trans_a=1)                # (Aᵀ)ᵀ Σᵀ = A Σ (Σ symmetric)
-        out = dtrmm(1.0, at, b, side=1, lower=0, trans_a=0, overwrite_b=1)     # (A Σ) Aᵀ
-        return symmetrised(out)
+        a = self.blocks[0]
+        if self.lower:
+            at = a.T                      # Fortran-ordered view of A: the upper-triangular matrix Aᵀ
+            b = dtrmm(1.0, at, sigma.T, side=0, lower=0, trans_a=1)                # (Aᵀ)ᵀ Σᵀ = A Σ (Σ symmetric)
+            out = dtrmm(1.0, at, b, side=1, lower=0, trans_a=0, overwrite_b=1)     # (A Σ) Aᵀ
+            return symmetrised(out)
+        low = np.tril(sigma)
+        low.flat[::len(low) + 1] *= 0.5
+        cl = dtrmm(1.0, low.T, a.T, side=0, lower=0, trans_a=0)      # Lᵀ Aᵀ = (A L)ᵀ, Fortran-ordered
+        d = cl.T @ a.T                                               # (A L) Aᵀ
+        d += d.T
+        return d
 
     def left(self, x):
         if len(self.blocks) == 1:
@@ -246,12 +257,14 @@ class Combination(Mixing):
 
 
 def _softmax_blocks(segments, logits_of, offsets, lower=False, flush=True, fresh=False):
-    """Per sequence: ``softmax(logits + offsets)`` with ``offsets`` the (t_max × t_max) bias and mask.
-    ``lower``: the mask is causal (lower-triangular blocks); ``flush``: see :func:`softmax`; ``fresh``:
+    """Per sequence: ``softmax(logits + offsets)`` with ``offsets`` the (t_max × t_max) bias and mask (None: all
+    zero). ``lower``: the mask is causal (lower-triangular blocks); ``flush``: see :func:`softmax`; ``fresh``:
     ``logits_of`` returns a new array each call, so the sum and the softmax run in place on it."""
     blocks = []
     for sl, t in zip(segment_slices(segments), segments):
-        if fresh:
+        if offsets is None:          # no bias, no mask: nothing to add
+            z = logits_of(sl, t) if fresh else logits_of(sl, t).copy()
+        elif fresh:
             z = logits_of(sl, t)
             z += offsets[:t, :t]
         else:
@@ -336,7 +349,8 @@ def head_mixings(layer, sigma: np.ndarray, segments, cache: dict | None = None, 
             a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl] * offs[t], offsets[h], lower,
                           fresh=True)
         else:  # tied 1/d scaling: deterministic scores σ_qk² Σ (Hron et al. 2020; C under QK-norm)
-            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl], offsets[h], lower,
+            off = offsets[h] if layer.bias is not None or layer.causal or blocks_of is _linear_blocks else None
+            a = blocks_of(segments, lambda sl, t: layer.qk_var * kq[sl, sl], off, lower,
                           _flush_needed(layer, kq), fresh=True)
         out.append((weight, _modified(layer, a, c)))
     return out
