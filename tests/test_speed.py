@@ -60,6 +60,17 @@ def test_tied_mixing_equals_the_written_out_product(causal, t):
     assert w == 1.0 and m.lower == causal
 
 
+@pytest.mark.parametrize("n", [5, 64, 200])
+def test_symmetrised_is_bitwise_the_plain_formula(n):
+    x = np.random.default_rng(n).standard_normal((n, n))
+    np.testing.assert_array_equal(MX.symmetrised(x.copy()), (x + x.T) * 0.5)
+    np.testing.assert_array_equal(MX.symmetrised(x.copy(), average=False), x + x.T)
+    f = np.asfortranarray(x)
+    out = MX.symmetrised(f.copy(order="F"))
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, (x + x.T) * 0.5)
+
+
 def test_tied_causal_with_two_sequences_takes_the_general_product():
     sigma = _psd(20, 2)
     layer = Attention(scores="tied", causal=True)

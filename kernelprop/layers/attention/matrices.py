@@ -112,8 +112,7 @@ class Mixing:
 
     def kernel_t(self, pi: np.ndarray) -> np.ndarray:
         """``Mᵀ Π M`` for symmetric Π (backward map of the gradient kernel)."""
-        out = self.left_t(self.left_t(pi).T)
-        return (out + out.T) * 0.5
+        return symmetrised(self.left_t(self.left_t(pi).T))
 
     def kernel(self, sigma: np.ndarray) -> np.ndarray:
         """``M Σ Mᵀ`` for symmetric Σ, as ``M (M Σ)ᵀ`` using two left products."""
@@ -170,11 +169,38 @@ class Uniform(Mixing):
         return out
 
 
-def symmetrised(out: np.ndarray) -> np.ndarray:
-    """``(X + Xᵀ)/2`` in place on ``out`` (a fresh N×N result): exactly symmetric, the value of the
-    out-of-place form."""
-    out += out.T
-    out *= 0.5
+_TILE = 64      # tile edge of the blocked transpose in :func:`symmetrised`
+
+
+def symmetrised(out: np.ndarray, average: bool = True) -> np.ndarray:
+    """``(X + Xᵀ)/2`` (or ``X + Xᵀ`` with ``average=False``) in place on ``out``, a fresh N×N result: exactly
+    symmetric, bit for bit the out-of-place form. Large matrices go tile by tile (64×64 tiles and their mirror
+    images): a whole-matrix transposed read strides by N·8 bytes, which at power-of-two N maps every row to
+    the same few cache sets (4× slower at N = 256). Returns a C-ordered array (``out.T`` for a Fortran one)."""
+    if out.ndim != 2 or not (out.flags.c_contiguous or out.flags.f_contiguous):
+        out = out + np.swapaxes(out, -1, -2)
+        return out * 0.5 if average else out
+    if not out.flags.c_contiguous:
+        out = out.T
+    n = out.shape[0]
+    if n <= _TILE:
+        out += out.T
+        if average:
+            out *= 0.5
+        return out
+    for i in range(0, n, _TILE):
+        ii = slice(i, i + _TILE)
+        d = out[ii, ii]
+        d += d.T
+        if average:
+            d *= 0.5
+        for j in range(i + _TILE, n, _TILE):
+            jj = slice(j, j + _TILE)
+            t = out[ii, jj]
+            t += out[jj, ii].T
+            if average:
+                t *= 0.5
+            out[jj, ii] = t.T
     return out
 
 
@@ -205,9 +231,7 @@ class Dense(Mixing):
         low = np.tril(sigma)
         low.flat[::len(low) + 1] *= 0.5
         cl = dtrmm(1.0, low.T, a.T, side=0, lower=0, trans_a=0)      # Lᵀ Aᵀ = (A L)ᵀ, Fortran-ordered
-        d = cl.T @ a.T                                               # (A L) Aᵀ
-        d += d.T
-        return d
+        return symmetrised(cl.T @ a.T, average=False)                # (A L) Aᵀ + its transpose
 
     def left(self, x):
         if len(self.blocks) == 1:
