@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -165,8 +166,12 @@ def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None 
 
 
 def machine_memory() -> int:
-    """Physical memory in bytes (24 GiB if the system does not say; the Monte Carlo's estimate, without importing
-    the Monte Carlo)."""
+    """Physical memory in bytes (24 GiB if the system does not say): the Monte Carlo's
+    ``sampler.machine_memory`` when that module is loaded (one estimate for the whole package), else the same
+    reading without importing the Monte Carlo."""
+    sampler = sys.modules.get("kernelprop.montecarlo.sampler")
+    if sampler is not None:
+        return int(sampler.machine_memory())
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
