@@ -38,6 +38,11 @@ from kernelprop.network.layers import Attention, Network, Residual  # noqa: E402
 CLOCK = time.perf_counter
 
 
+def result(what: str, value: float, unit: str, target: str = "-") -> None:
+    """A headline line for benchmarks/run_all.py: ``RESULT | what | value | unit | target |``."""
+    print(f"RESULT | {what} | {value:.6g} | {unit} | {target} |", flush=True)
+
+
 def best(fn, repeat=3):
     """Smallest time of ``repeat`` calls by :data:`CLOCK` (the least disturbed by other processes)."""
     out = np.inf
@@ -109,13 +114,17 @@ def main():
             if t >= 1024:
                 depth = min(depth, 6 if args.quick else 12)
             b = bare(t, depth, repeat)
-            cells = []
+            cells, heads = [], []
             for kind in KINDS:
                 off = engine(kind, t, depth, args.threads, False, repeat)
+                if kind in ("tied causal", "tied bidirectional", "pre_ln (tied)"):
+                    heads.append((f"{kind} / bare A S Aᵀ per layer, T = {t}, measures off", off / b))
                 on = engine(kind, t, depth, args.threads, True, 1) if t <= 1024 or not args.quick else np.nan
                 cells.append(f"{1e3 * off:.3g} ({off / b:.2f}×) | {1e3 * on:.3g} ({on / b:.2f}×)"
                              .replace(" | ", " ‖ "))
             print(f"| {t} | {depth} | {1e3 * b:.3g} | " + " | ".join(cells) + " |", flush=True)
+            for what, ratio in heads:
+                result(what, ratio, "×", "<= 1.5")
     CLOCK = time.perf_counter       # threads compete for the machine: wall clock from here on
     print("\nBLAS threads: one T×T product, wall-clock ms (1 thread | all cores)\n")
     print("| T | 1 | " + f"{cores()} |")
@@ -137,6 +146,7 @@ def main():
                          ("none", ())):
         s = best(lambda: kp.propagate(net, x, keep_kernels=False, measures=names), 1)  # noqa: B023
         print(f"| {label} | {s:.3g} | {1e3 * s / depth:.3g} |", flush=True)
+        result(f"pre_ln T = 256, every block recorded, measures {label}", 1e3 * s / depth, "ms per block")
 
 
 if __name__ == "__main__":
