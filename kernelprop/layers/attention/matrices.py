@@ -202,7 +202,7 @@ def symmetrised(out: np.ndarray, average: bool = True) -> np.ndarray:
     return out
 
 
-_SPLIT_FROM = 512    # dense A Σ Aᵀ by Σ = L + Lᵀ from this size on (measured: 5% faster at 512, 20% at 1024, slower at 256)
+_SPLIT_FROM = 512    # dense A Σ Aᵀ by Σ = L + Lᵀ from here on (measured: 5% faster at 512, 20% at 1024, slower at 256)
 
 
 class Dense(Mixing):
