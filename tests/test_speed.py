@@ -178,6 +178,8 @@ def test_bad_measure_names_are_spec_errors():
         kp.propagate(net, x, measures=("stable_rank",), spectral=False)
     with pytest.raises(SpecError):
         kp.propagate(net, x, measures="cos_mean")          # a string, not a list of names
+    with pytest.raises(SpecError, match="one"):
+        kp.propagate(net, x, measures=("cross_cos_mean",))   # one sequence: nothing to compare
     with pytest.raises(SpecError, match="ntk"):
         kp.propagate(net, x, measures=("ntk_mean",))       # only with ntk=True
     r = kp.propagate(net, x, ntk=True, measures=("ntk_mean",))

@@ -101,6 +101,9 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     (:func:`kernelprop.kernel.shared.propagate`, docs/theory.md §13).
     """
     names, spectral = measure_names(measures, spectral, ntk)
+    if names is not None and "cross_cos_mean" in names and len(inputs.segments) < 2:
+        from ..errors import SpecError
+        raise SpecError("measures", "cross_cos_mean", "compares tokens of different sequences: the input has one")
     with threads_limit(int(inputs.sigma.shape[0]), threads):
         if getattr(network, "shared_weights", False):
             from .shared import propagate as joint
