@@ -79,11 +79,14 @@ def compute(sigma: np.ndarray, segments, mean=None, spectral: bool = True, names
     cm, cmin, r1, sr, er, ratio = [], [], [], [], [], []
     for sl in segment_slices(segments) if (cos is not None or rank) else ():
         t = sl.stop - sl.start
-        if cos is not None and t > 1:
-            off = ~np.eye(t, dtype=bool)
-            c = cos[sl, sl][off]
-            cm.append(c.mean())
+        if cos is not None and t > 1:      # off-diagonal mean and min, the diagonal masked in place (no gather)
+            c = cos[sl, sl]
+            keep = np.diagonal(c).copy()
+            np.fill_diagonal(c, 0.0)
+            cm.append(c.sum() / (t * (t - 1)))
+            np.fill_diagonal(c, np.inf)
             cmin.append(c.min())
+            np.fill_diagonal(c, keep)
         if not rank:
             continue
         block = sigma[sl, sl]

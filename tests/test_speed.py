@@ -152,6 +152,18 @@ def test_selected_measures_are_the_full_ones(monkeypatch):
     assert set(spec) == {"eig_ratio"} and spec["eig_ratio"] == full["eig_ratio"] and len(calls) == 2
 
 
+def test_off_diagonal_cosines_match_the_written_out_average():
+    sigma = _psd(11, 4)
+    d = np.sqrt(np.diag(sigma))
+    cos = sigma / np.outer(d, d)
+    blocks = [cos[:7, :7], cos[7:, 7:]]
+    off = [b[~np.eye(len(b), dtype=bool)] for b in blocks]
+    m = M.compute(sigma, (7, 4), names=("cos_mean", "cos_min", "cos_first"))
+    np.testing.assert_allclose(m["cos_mean"], np.mean([o.mean() for o in off]), rtol=1e-14)
+    np.testing.assert_allclose(m["cos_min"], min(o.min() for o in off), rtol=1e-15)
+    np.testing.assert_allclose(m["cos_first"], cos[:7, 0], rtol=1e-15)     # the diagonal is left as it was
+
+
 def test_propagate_computes_only_the_measures_asked(monkeypatch):
     net, x = build("pre_ln", 4), I.equicorrelated(16, 1.0, 0.3)
     full = kp.propagate(net, x)
