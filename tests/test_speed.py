@@ -75,7 +75,6 @@ def test_tied_causal_with_two_sequences_takes_the_general_product():
     sigma = _psd(20, 2)
     layer = Attention(scores="tied", causal=True)
     (_, m), = MX.head_mixings(layer, sigma, (12, 8), {})
-    expect = np.zeros((20, 20))
     a1, a2 = _tied_softmax(sigma[:12, :12], 1.0, True), _tied_softmax(sigma[12:, 12:], 1.0, True)
     full = np.zeros((20, 20))
     full[:12, :12], full[12:, 12:] = a1, a2
