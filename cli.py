@@ -222,13 +222,31 @@ def run(
                                         "--heads H, given explicitly, sets every attention layer's heads (without "
                                         "--width: finite heads at infinite width, the chain of kernels)."),
     samples: int = typer.Option(256, "--samples", help="Networks (or chains) drawn for the finite prediction."),
+    measures: Optional[str] = typer.Option(None, "--measures", help="Compute only these measures, comma-separated "
+                                           "(default: all): q_mean, q_min, q_max, cos_mean, cos_min, cross_cos_mean, "
+                                           "rank_one_distance, stable_rank, effective_rank, eig_ratio, mean_abs, "
+                                           "quad_error, cos_first, q_position (and ntk_mean, ntk_cond, ntk_error with "
+                                           "--ntk). Spectra (stable_rank, effective_rank, eig_ratio) cost an "
+                                           "eigendecomposition per record."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="BLAS threads (default: 1 below 512 tokens or "
+                                          "on a busy machine, else all cores; env KERNELPROP_THREADS)."),
     preset: Optional[str] = None,
     options=None,
 ):
     """Propagate the token kernel of SPEC (or --preset NAME) through depth and summarise it."""
     with _errors():
         from kernelprop import io, propagate, report
-        from kernelprop.kernel.propagate import check_tokens
+        from kernelprop.kernel.propagate import check_tokens, measure_names
+        names = None
+        if measures is not None:
+            names, _ = measure_names([m.strip() for m in measures.split(",") if m.strip()], ntk=ntk,
+                                     field="--measures")
+            if not names:
+                from kernelprop.errors import SpecError
+                raise SpecError("--measures", measures, "must name at least one measure, e.g. cos_mean,q_mean")
+        if threads is not None:
+            from kernelprop.kernel.threads import choose
+            choose(0, threads, "--threads")          # checked before any work
         if config is not None or preset is not None:
             check_tokens(options.tokens, ntk=ntk, field="--tokens")   # before the preset's input kernel is built
         if config is not None:
@@ -261,9 +279,11 @@ def run(
             s.network, s.inputs, record="sublayers" if sublayers else s.record["mode"],
             every=every or s.record["every"], keep_kernels=output is not None and output.suffix in (".npz", ".nc",
                                                                                                    ".zarr"),
-            progress=cb, ntk=ntk), s.network.depth)
+            progress=cb, ntk=ntk, measures=names, threads=threads), s.network.depth)
         title = f"{s.network.name or spec} — depth {s.network.depth}, {s.inputs.description}"
         columns = report.DEFAULT_COLUMNS + (("ntk_mean", "ntk_cond") if ntk else ())
+        if names is not None:
+            columns = tuple(n for n in names if getattr(traj.measures.get(n), "ndim", 0) == 1)
         _show(report.summary_table(traj, columns=columns, most=rows, title=title, width=out.width))
         if output is not None:
             if labelled:

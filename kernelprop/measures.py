@@ -32,28 +32,63 @@ PROFILE_MEASURES = {
     "q_position": "Σ_ii of each position of sequence 0",
 }
 SPECTRAL = ("stable_rank", "effective_rank", "eig_ratio")
+_COSINE = ("cos_mean", "cos_min", "cross_cos_mean", "cos_first")
+_RANK = ("rank_one_distance",) + SPECTRAL
+NAMES = tuple(SCALAR_MEASURES) + tuple(PROFILE_MEASURES)
+
+
+def check_names(names, field: str = "measures", extra=()) -> tuple:
+    """``names`` as a tuple of known measure names (``extra``: further names the caller allows, e.g. the NTK's);
+    a :class:`~kernelprop.errors.SpecError` naming ``field`` lists the allowed values otherwise."""
+    from .errors import SpecError
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise SpecError(field, names, f"must be a list of measure names from {list(NAMES + tuple(extra))}")
+    allowed = set(NAMES) | set(extra)
+    for n in names:
+        if n not in allowed:
+            raise SpecError(field, n, f"is not a measure; allowed: {', '.join(NAMES + tuple(extra))}")
+    return tuple(dict.fromkeys(names))
 
 
 def cosine(sigma: np.ndarray) -> np.ndarray:
-    d = np.sqrt(np.diag(sigma))
+    d = np.sqrt(np.diagonal(sigma, axis1=-2, axis2=-1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        c = sigma / d[:, None] / d[None, :]
-    return np.clip(c, -1.0, 1.0)
+        c = sigma / d[..., :, None]
+        c /= d[..., None, :]
+    return np.clip(c, -1.0, 1.0, out=c)
 
 
-def compute(sigma: np.ndarray, segments, mean=None, spectral: bool = True) -> dict:
-    """All measures of one kernel: a dict of floats, plus per-position arrays for the profiles."""
+def compute(sigma: np.ndarray, segments, mean=None, spectral: bool = True, names=None) -> dict:
+    """The measures of one kernel: a dict of floats, plus per-position arrays for the profiles.
+
+    ``names``: only these (default: all). Each family is computed only when one of its measures is asked:
+    the cosine matrix for ``cos_*``, the trace and sum for ``rank_one_distance``, the eigenvalues (``eigvalsh``
+    per sequence, O(T³)) for the spectral ones and only when ``spectral`` is true as well."""
+    want = set(NAMES if names is None else names)
     diag = np.diag(sigma)
-    cos = cosine(sigma)
-    out = {"q_mean": diag.mean(), "q_min": diag.min(), "q_max": diag.max()}
+    out: dict = {}
+    if "q_mean" in want:
+        out["q_mean"] = diag.mean()
+    if "q_min" in want:
+        out["q_min"] = diag.min()
+    if "q_max" in want:
+        out["q_max"] = diag.max()
+    cos = cosine(sigma) if want.intersection(_COSINE) else None
+    spectral = bool(spectral) and bool(want.intersection(SPECTRAL))
+    rank = bool(want.intersection(_RANK))
     cm, cmin, r1, sr, er, ratio = [], [], [], [], [], []
-    for sl in segment_slices(segments):
+    for sl in segment_slices(segments) if (cos is not None or rank) else ():
         t = sl.stop - sl.start
-        c = cos[sl, sl]
-        if t > 1:
-            off = ~np.eye(t, dtype=bool)
-            cm.append(c[off].mean())
-            cmin.append(c[off].min())
+        if cos is not None and t > 1:      # off-diagonal mean and min, the diagonal masked in place (no gather)
+            c = cos[sl, sl]
+            keep = np.diagonal(c).copy()
+            np.fill_diagonal(c, 0.0)
+            cm.append(c.sum() / (t * (t - 1)))
+            np.fill_diagonal(c, np.inf)
+            cmin.append(c.min())
+            np.fill_diagonal(c, keep)
+        if not rank:
+            continue
         block = sigma[sl, sl]
         tr = np.trace(block)
         if not tr > 0:          # an all-zero sequence (e.g. weight_var = 0): rank 0, every rank measure 0
@@ -71,21 +106,26 @@ def compute(sigma: np.ndarray, segments, mean=None, spectral: bool = True) -> di
             p = np.sqrt(lam)
             p = p[p > 0] / p.sum()
             er.append(float(np.exp(-(p * np.log(p)).sum())))
-    out["cos_mean"] = float(np.mean(cm)) if cm else 1.0
-    out["cos_min"] = float(np.min(cmin)) if cmin else 1.0
-    if len(segments) > 1:
+    if "cos_mean" in want:
+        out["cos_mean"] = float(np.mean(cm)) if cm else 1.0
+    if "cos_min" in want:
+        out["cos_min"] = float(np.min(cmin)) if cmin else 1.0
+    if "cross_cos_mean" in want and len(segments) > 1 and cos is not None:
         same = np.zeros(sigma.shape, dtype=bool)
         for sl in segment_slices(segments):
             same[sl, sl] = True
         out["cross_cos_mean"] = float(cos[~same].mean())
-    out["rank_one_distance"] = float(np.mean(r1))
+    if "rank_one_distance" in want:
+        out["rank_one_distance"] = float(np.mean(r1))
     if spectral:
-        out["stable_rank"] = float(np.mean(sr))
-        out["effective_rank"] = float(np.mean(er))
-        out["eig_ratio"] = float(np.mean(ratio))
-    if mean is not None:
+        for name, vals in (("stable_rank", sr), ("effective_rank", er), ("eig_ratio", ratio)):
+            if name in want:
+                out[name] = float(np.mean(vals))
+    if mean is not None and "mean_abs" in want:
         out["mean_abs"] = float(np.abs(mean).mean())
     first = slice(0, segments[0])
-    out["cos_first"] = cos[first, 0].copy()
-    out["q_position"] = diag[first].copy()
+    if "cos_first" in want and cos is not None:
+        out["cos_first"] = cos[first, 0].copy()
+    if "q_position" in want:
+        out["q_position"] = diag[first].copy()
     return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}

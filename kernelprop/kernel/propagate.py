@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +19,7 @@ from .maps import Context
 from .ntk import measures as ntk_measures
 from .ntk import rule as ntk_rule
 from .state import KernelState
+from .threads import limit as threads_limit
 
 _TINY = 1e-250   # entries below this times the largest variance are flushed to 0 (no denormals)
 _VANISH, _EXPLODE = 1e-150, 1e150
@@ -80,8 +83,9 @@ class Trajectory(Records):
 def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every: int = 1,
               keep_kernels: bool = True, spectral: bool | str = "auto", quad_nodes: int | None = None,
               progress: Callable[[int, int], None] | None = None, ntk: bool = False,
-              memory_limit: int | None = None, width: int | None = None, heads: int | None = None,
-              samples: int = 256, seed: int = 0, method: str | None = None) -> Trajectory:
+              memory_limit: int | None = None, measures=None, threads: int | None = None,
+              width: int | None = None, heads: int | None = None, samples: int = 256, seed: int = 0,
+              method: str | None = None) -> Trajectory:
     """Iterate the infinite-width kernel maps of ``network`` from ``inputs``.
 
     ``record``: ``"blocks"`` records the input, the stem output, every ``every``-th block (and the
@@ -90,7 +94,10 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     the longest sequence has ≤ 512 tokens). ``progress(done, total)`` is called after every block.
     ``ntk``: also propagate the neural tangent kernel Θ (NTK parametrisation, docs/theory.md §14) and
     keep it per record (``Trajectory.ntk``); Θ = 0 at the input. ``memory_limit`` (bytes, default half
-    the machine's memory) bounds the up-front estimate of :func:`check_memory`.
+    the machine's memory) bounds the up-front estimate of :func:`check_memory`. ``measures``: the names of
+    the measures to compute at each record (default: all of :mod:`kernelprop.measures`, and ``ntk_*`` with
+    ``ntk``); asking for a spectral one turns ``spectral="auto"`` on. ``threads``: BLAS threads (default
+    :func:`kernelprop.kernel.threads.choose`: 1 below 512 tokens, or ``KERNELPROP_THREADS``).
     Raises :class:`~kernelprop.errors.NumericalError` naming the layer if the kernel stops being finite.
     ``width`` / ``heads``: return instead a :class:`kernelprop.finite.interface.FinitePrediction` — this limit
     beside ``samples`` finite-width (Gram sampler) or finite-heads (chain) draws, seeded by ``seed``
@@ -106,19 +113,46 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
                                     "covers the forward kernel")
         return predict(network, inputs, width=width, heads=heads, samples=samples, seed=seed,  # type: ignore[return-value]
                        record=record, every=every, spectral=spectral, quad_nodes=quad_nodes, method=method)
-    if getattr(network, "shared_weights", False):
-        from .shared import propagate as joint
-        if ntk:
-            raise NotSupportedError("ntk=True with shared_weights = true is not implemented: the tangent kernel "
-                                    "would need the cross-block covariances of the shared matrices' gradients; "
-                                    "run without ntk, or with fresh weights")
-        return joint(network, inputs, record=record, every=every, keep_kernels=keep_kernels, spectral=spectral,
-                     quad_nodes=quad_nodes, progress=progress)
-    plan = RecordPlan(network, record, every)
-    check_memory(network, inputs, plan, keep_kernels=keep_kernels, ntk=ntk, limit=memory_limit)
-    traj, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, spectral=spectral, quad_nodes=quad_nodes,
-                      progress=progress, ntk=ntk)
+    names, spectral = measure_names(measures, spectral, ntk)
+    if names is not None and "cross_cos_mean" in names and len(inputs.segments) < 2:
+        from ..errors import SpecError
+        raise SpecError("measures", "cross_cos_mean", "compares tokens of different sequences: the input has one")
+    with threads_limit(int(inputs.sigma.shape[0]), threads):
+        if getattr(network, "shared_weights", False):
+            from .shared import propagate as joint
+            if ntk:
+                raise NotSupportedError("ntk=True with shared_weights = true is not implemented: the tangent "
+                                        "kernel would need the cross-block covariances of the shared matrices' "
+                                        "gradients; run without ntk, or with fresh weights")
+            traj = joint(network, inputs, record=record, every=every, keep_kernels=keep_kernels, spectral=spectral,
+                         quad_nodes=quad_nodes, progress=progress)
+            if names is not None:
+                traj = dataclasses.replace(traj, measures={k: v for k, v in traj.measures.items() if k in names})
+            return traj
+        plan = RecordPlan(network, record, every)
+        check_memory(network, inputs, plan, keep_kernels=keep_kernels, ntk=ntk, limit=memory_limit)
+        traj, _ = forward(network, inputs, plan, keep_kernels=keep_kernels, spectral=spectral, quad_nodes=quad_nodes,
+                          progress=progress, ntk=ntk, measures=names)
     return traj
+
+
+NTK_MEASURES = ("ntk_mean", "ntk_cond", "ntk_error")
+
+
+def measure_names(measures, spectral: bool | str = "auto", ntk: bool = False, field: str = "measures"):
+    """``(names, spectral)``: the checked measure names (None: all) and the ``spectral`` setting they imply —
+    a spectral measure asked by name is computed whatever the size (``"auto"`` becomes True); with
+    ``spectral=False`` asking for one is a :class:`~kernelprop.errors.SpecError`."""
+    from ..errors import SpecError
+    if measures is None:
+        return None, spectral
+    names = M.check_names(measures, field, extra=NTK_MEASURES if ntk else ())
+    asked = [n for n in names if n in M.SPECTRAL or n == "ntk_cond"]
+    if asked and spectral is False:
+        raise SpecError(field, asked[0], "is a spectral measure, and spectral=False: drop it or allow spectra")
+    if spectral == "auto" and asked:
+        spectral = True
+    return names, spectral
 
 
 WORKING_KERNELS = 16     # N×N float64 arrays the maps hold at once (measured peak of the layer maps: 6-16)
@@ -137,7 +171,6 @@ def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None 
     """The estimate of :func:`check_memory` for ``n`` tokens and ``kept`` stored kernels (usable before the
     input kernel is built, e.g. for a preset's ``--tokens``)."""
     from ..errors import SpecError
-    from ..montecarlo.sampler import machine_memory
     need = 8 * n * n * (WORKING_KERNELS + kept) * (2 if ntk else 1)
     limit = machine_memory() // 2 if limit is None else int(limit)
     if need > limit:
@@ -148,10 +181,25 @@ def check_tokens(n: int, kept: int = 0, *, ntk: bool = False, limit: int | None 
     return need
 
 
+def machine_memory() -> int:
+    """Physical memory in bytes (24 GiB if the system does not say): the Monte Carlo's
+    ``sampler.machine_memory`` when that module is loaded (one estimate for the whole package), else the same
+    reading without importing the Monte Carlo."""
+    sampler = sys.modules.get("kernelprop.montecarlo.sampler")
+    if sampler is not None:
+        return int(sampler.machine_memory())
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 24 * 2 ** 30
+
+
 def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels: bool = True,
             spectral: bool | str = "auto", quad_nodes: int | None = None, progress=None, on_unit=None,
-            ctx: Context | None = None, ntk: bool = False):
+            ctx: Context | None = None, ntk: bool = False, measures=None):
     """The one forward walk: apply every part of every unit, check it, keep the planned records.
+
+    ``measures``: the checked names to compute per record (None: all; see :func:`measure_names`).
 
     ``on_unit(unit, state_in, backs)``, if given, receives each unit's input state and the backward
     rules of its parts (the backward pass keeps or checkpoints them). Returns ``(trajectory, state)``.
@@ -173,15 +221,23 @@ def forward(network: Network, inputs: Inputs, plan: RecordPlan, *, keep_kernels:
         means.append(s.mean.copy())
         if keep_kernels:
             kernels.append(s.sigma.copy())
-        row = M.compute(s.sigma, s.segments, s.mean, spectral=spectral)
-        row["quad_error"] = s.quad_error
+        row = M.compute(s.sigma, s.segments, s.mean, spectral=spectral, names=measures)
+        if measures is None or "quad_error" in measures:
+            row["quad_error"] = s.quad_error
         if s.ntk is not None:
             tangents.append(s.ntk.copy())
-            row.update(ntk_measures(s.ntk, spectral), ntk_error=s.ntk_error)
+            if measures is None:
+                row.update(ntk_measures(s.ntk, spectral), ntk_error=s.ntk_error)
+            else:
+                if "ntk_mean" in measures or "ntk_cond" in measures:
+                    extra = ntk_measures(s.ntk, spectral and "ntk_cond" in measures)
+                    row.update({k: v for k, v in extra.items() if k in measures})
+                if "ntk_error" in measures:
+                    row["ntk_error"] = s.ntk_error
         rows.append(row)
 
     keep(INPUT, state)
-    for unit in units(network):
+    for unit in units(network, kernel_only=True):
         state, backs = run_unit(unit, state, ctx, keep=lambda i, s, unit=unit: _keep_planned(plan, unit, i, s, keep),
                                 with_backs=on_unit is not None, on_start=on_unit)
         if unit.section == "block" and progress is not None:

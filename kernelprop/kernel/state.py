@@ -9,7 +9,7 @@ scalar fields and 2-D kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -85,7 +85,13 @@ class KernelState:
     ntk_error: float = 0.0
 
     def replace(self, **kw) -> KernelState:
-        return replace(self, **kw)
+        """A copy with the fields ``kw`` changed (a shallow copy of the field values, as ``dataclasses.replace``
+        without re-running ``__init__``: the maps call it several times per layer)."""
+        if not _STATE_FIELDS.issuperset(kw):
+            raise TypeError(f"KernelState has no field {sorted(set(kw) - _STATE_FIELDS)[0]!r}")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__, **kw)
+        return new
 
     @property
     def n(self) -> int:
@@ -114,3 +120,6 @@ def nonzero(x) -> bool:
 def is_one(x) -> bool:
     """Whether a field value is exactly 1 for every member (a multiplication by it can be skipped)."""
     return bool((x == 1.0).all()) if isinstance(x, np.ndarray) else x == 1.0
+
+
+_STATE_FIELDS = frozenset(f.name for f in fields(KernelState))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,7 +45,7 @@ class Unit:
         """``"block 3"``, or ``"stem · dense"`` for a stem/final layer (error messages, gradient paths)."""
         return f"block {self.block}" if self.section == "block" else f"{self.section} · {self.layer.kind}"
 
-    @property
+    @cached_property
     def parts(self) -> tuple:
         """The layers applied one by one: a block's top-level layers, or the unit's own layer."""
         return tuple(self.layer.children()) if self.section == "block" else (self.layer,)
@@ -82,20 +83,55 @@ class Record:
 INPUT = Record("input", "input", 0, None, "input", "input")
 
 
-def units(network: Network) -> Iterator[Unit]:
-    """The network's units in order, each layer resolved at its block index."""
+def units(network: Network, kernel_only: bool = False) -> Iterator[Unit]:
+    """The network's units in order, each layer resolved at its block index.
+
+    A block whose expressions do not use ``l`` resolves to the same layer at every index: it is resolved
+    (and checked) once, at l = 1, and that one resolved layer serves every block. ``kernel_only`` (the
+    kernel engine): only the fields the wide-limit maps read decide that."""
     stem, final = network.stem.layers, network.final.layers
     idx = 0
     for i, layer in enumerate(stem):
         yield Unit(idx, "stem", 0, layer.resolve(network.env(0)), i + 1 == len(stem), i)
         idx += 1
+    same = _independent_of_l(network.block, kernel_only)
+    block = None
     for l in range(1, network.depth + 1):
-        yield Unit(idx, "block", l, network.block.resolve(network.env(l)), l == network.depth)
+        if block is None or not same:
+            block = network.block.resolve(network.env(l))
+        yield Unit(idx, "block", l, block, l == network.depth)
         idx += 1
     for i, layer in enumerate(final):
         env = network.env(network.depth + 1)
         yield Unit(idx, "final", network.depth + 1, layer.resolve(env), i + 1 == len(final), i)
         idx += 1
+
+
+def _independent_of_l(block: Layer, kernel_only: bool) -> bool:
+    """True when no expression of ``block`` uses ``l`` and every layer in it resolves by the stock rule
+    (a layer class with its own ``resolve`` may read the block index in ways expressions do not show).
+    ``kernel_only``: only the fields the wide-limit maps read count (:meth:`Layer.kernel_fields`; e.g. the
+    default ``spa_step = "l"`` of an attention without SPA does not)."""
+    import dataclasses
+
+    from ..layers.base import Layer as Base
+    from ..layers.composite import Parallel, Residual, Serial, walk
+    from .expressions import Expr
+    stock = {Base.resolve, Serial.resolve, Residual.resolve, Parallel.resolve}
+    for _, layer in walk(block):
+        if type(layer).resolve not in stock:
+            return False
+        if isinstance(layer, Serial):
+            continue
+        if isinstance(layer, (Residual, Parallel)):
+            own = [layer.alpha, getattr(layer, "beta", None), *getattr(layer, "betas", ())]
+        else:
+            used = set(layer.kernel_fields()) if kernel_only else None
+            own = [getattr(layer, f.name) for f in dataclasses.fields(layer)  # type: ignore[arg-type]
+                   if used is None or f.name in used]
+        if any(isinstance(v, Expr) and "l" in v.names for v in own):
+            return False
+    return True
 
 
 class RecordPlan:
