@@ -21,7 +21,6 @@ law (no bias, or one bias for all) share the draws. The reported error is the Bo
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 from ...inputs import segment_slices
 from . import matrices as MX
@@ -244,6 +243,7 @@ class Estimator:
     def quantile(self):
         """Bonferroni two-sided Student-t quantile over the N(N+1)/2 entries at family level 0.1 % (≥ 3)."""
         m = self.n * (self.n + 1) // 2
+        from scipy import stats       # only when scores are sampled: keeps `import kernelprop` light
         return max(3.0, float(stats.t.isf(0.0005 / m, self.pairs - 1)))
 
     def backward(self, pi, values=None, opts=None, with_pi=True):
