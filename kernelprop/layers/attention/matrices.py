@@ -236,11 +236,17 @@ class Dense(Mixing):
         by BLAS ``trmm`` (T³ flops each instead of 2T³), symmetrised; dense A from 512 tokens on, the symmetry
         of Σ: ``Σ = L + Lᵀ`` with L its lower triangle (half diagonal), ``D = (A L) Aᵀ`` (trmm, then one
         product: 3T³ flops instead of 4T³) and ``A Σ Aᵀ = D + Dᵀ``. Otherwise the two left products of
-        :meth:`Mixing.kernel`."""
-        if len(self.blocks) != 1 or sigma.ndim != 2 or not (self.lower or len(sigma) >= _SPLIT_FROM):
+        :meth:`Mixing.kernel`. A batch (B, N, N) takes the same route member by member, so a batched run's
+        arithmetic is each member's own run's."""
+        if len(self.blocks) != 1 or not (self.lower or sigma.shape[-1] >= _SPLIT_FROM):
             return super().kernel(sigma)
-        from scipy.linalg.blas import dtrmm
         a = self.blocks[0]
+        if sigma.ndim == 3:
+            return np.stack([self._kernel(a[b] if a.ndim == 3 else a, sigma[b]) for b in range(len(sigma))])
+        return self._kernel(a, sigma)
+
+    def _kernel(self, a, sigma):
+        from scipy.linalg.blas import dtrmm
         if self.lower:
             at = a.T                      # Fortran-ordered view of A: the upper-triangular matrix Aᵀ
             b = dtrmm(1.0, at, sigma.T, side=0, lower=0, trans_a=1)                # (Aᵀ)ᵀ Σᵀ = A Σ (Σ symmetric)

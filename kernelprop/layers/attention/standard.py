@@ -243,7 +243,7 @@ class Estimator:
     def quantile(self):
         """Bonferroni two-sided Student-t quantile over the N(N+1)/2 entries at family level 0.1 % (≥ 3)."""
         m = self.n * (self.n + 1) // 2
-        from scipy import stats       # only when scores are sampled: keeps `import kernelprop` light
+        from scipy import stats  # only when scores are sampled: keeps `import kernelprop` light
         return max(3.0, float(stats.t.isf(0.0005 / m, self.pairs - 1)))
 
     def backward(self, pi, values=None, opts=None, with_pi=True):
