@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from kernelprop.errors import SpecError
 from kernelprop.kernel import quadrature as quad
 
 from . import battery as B
@@ -45,13 +46,17 @@ def mode(request, monkeypatch):
 def test_entries_near_one_are_raised_to_the_order_they_need(mode):
     """sin(1.5x) at |ρ| = 0.999 and 0.9999 (orders above the first stage's 32): every entry resolved by
     the expansion (none given to the per-entry rule), within its bound of the closed form, the bound
-    ≤ tol·sqrt(E f² E g²) (measured 0.04-0.3 of it: the coefficients' quadrature errors dominate)."""
+    ≤ tol·sqrt(E f² E g²) (measured 0.04-0.3 of it: the coefficients' quadrature errors dominate). The order
+    is raised past the tolerance until the truncation term is below ``margin·tol``; the coefficients of this
+    entire function being exact to round-off, the distance to the closed form is then below
+    ``margin·tol·scale + 1e-15`` (measured ≤ 5e-16; at the first order meeting the tolerance: 3e-13)."""
     s = RHO * np.sqrt(A * B_)
     v, e, done = quad.mehler_pairs(_sin(), _sin(), A, B_, s)
     assert done.all()
     scale = np.sqrt(0.5 * (1 - np.exp(-2 * W * W * A)) * 0.5 * (1 - np.exp(-2 * W * W * B_)))   # E sin²(ωu)
     assert np.all(np.abs(v - _exact_sin(A, B_, s)) <= e)
     assert np.all(e <= TOL * scale), e / scale
+    assert np.all(np.abs(v - _exact_sin(A, B_, s)) <= quad._MEHLER_MARGIN * TOL * scale + 1e-15)
 
 
 def test_an_entry_the_expansion_cannot_meet_is_left_undone(mode):
@@ -90,3 +95,11 @@ def test_the_bound_is_relative_whatever_the_scale_of_f(c, mode):
     assert done.all()
     assert np.all(np.abs(v - c * c * _exact_sin(A, B_, s)) <= e)
     np.testing.assert_allclose(e / (c * c), e1, rtol=1e-2)
+
+
+def test_an_unknown_method_is_refused_naming_the_choices():
+    sigma = np.array([[1.0, 0.3], [0.3, 2.0]])
+    with pytest.raises(SpecError) as info:
+        quad.gauss_hermite_kernel(np.tanh, np.tanh, sigma, method="fast")
+    assert (info.value.field, info.value.value) == ("method", "fast")
+    assert info.value.allowed == 'must be "auto" (Mehler expansion, then per-entry rules) or "adaptive"'
