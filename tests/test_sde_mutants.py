@@ -106,21 +106,26 @@ def test_measures_against_hand_values():
 
 
 def test_refusals_name_their_field_and_value_and_networks_their_model():
+    """The refusals' field, value and text (its first and last words), and the names of the networks."""
     x = inputs.equicorrelated(2, 1.0, 0.3)
     net = sde.ShapedTransformer().network(64, 4)
     assert net.name == "shaped transformer (covariance SDE)"
     assert sde.ResidualMLP().network(64, 4).name == "residual MLP (covariance SDE)"
-    for call, field, value, says in (
-            (lambda: sde.model_of(net, 0), "width", 0, "whole number >= 1"),
-            (lambda: sde.model_of("net", 64), "model", "str", "a ShapedTransformer or a Network"),
-            (lambda: sde.sde_trajectory(object(), x, 64, 4), "model", "object", "must be a ResidualMLP"),
-            (lambda: sde.sde_trajectory(sde.ShapedTransformer(), "x", 64, 4), "inputs", "str", "kernelprop Inputs"),
-            (lambda: sde.sde_trajectory(sde.ShapedTransformer(), x, 2, 4), "width", 2, "raise the width"),
-            (lambda: sde.ResidualMLP(skip=-0.5), "skip", -0.5, ">= 0"),
-            (lambda: sde.ResidualMLP(activation="relu"), "activation", "relu", "kernelprop Activation"),
+    models = "must be a ResidualMLP, a ShapedTransformer or a Network"
+    for call, field, value, start, end in (
+            (lambda: sde.model_of(net, 0), "width", 0, "must be a whole number", ">= 1"),
+            (lambda: sde.model_of("net", 64), "model", "str", models, models),
+            (lambda: sde.sde_trajectory(object(), x, 64, 4), "model", "object", models, models),
+            (lambda: sde.sde_trajectory(sde.ShapedTransformer(), "x", 64, 4), "inputs", "str",
+             "must be kernelprop Inputs", "(kernelprop.inputs.*)"),
+            (lambda: sde.sde_trajectory(sde.ShapedTransformer(), x, 2, 4), "width", 2,
+             "must exceed the 2 tokens", "has rank ≤ n): raise the width"),
+            (lambda: sde.ResidualMLP(skip=-0.5), "skip", -0.5, "must be a finite number", ">= 0"),
+            (lambda: sde.ResidualMLP(activation="relu"), "activation", "relu", "must be a kernelprop Activation",
+             "layer"),
             (lambda: sde.ResidualMLP(activation=Activation("relu", input_shift=0.1)), "activation.input_shift", 0.1,
-             "input_shift = offset = 0")):
+             "the SDE needs input_shift = offset = 0", "Dense bias-free form")):
         with pytest.raises(SpecError) as info:
             call()
         assert (info.value.field, info.value.value) == (field, value)
-        assert says in info.value.allowed
+        assert info.value.allowed.startswith(start) and info.value.allowed.endswith(end), info.value.allowed
