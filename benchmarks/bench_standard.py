@@ -8,8 +8,9 @@ layer with tied scores (the floor: one softmax and two T×T products per distinc
 relative to the largest kernel entry, and the plain 64-draws-per-head estimate of the previous engine (stacked
 draws, one standard error) for comparison; a causal pair's products on the lower triangle (BLAS trmm) against
 full products (kept out of the engine: it did not pay); the peak memory of one estimate at 8 and 64 draws.
-Then the backward pass of a RoPE + standard layer (T = 64, H = 2; T = 32 in quick mode). Timings are
-wall-clock on whatever else the machine runs: compare ratios from one run.
+Then, for bidirectional unbiased RoPE-free scores (P = 11ᵀ/T) at T = 64, 256, the order-4 closed form (alone, or as
+the pairs' control variate) against the same floor. Then the backward pass of a RoPE + standard layer (T = 64, H =
+2; T = 32 in quick mode). Timings are wall-clock on whatever else the machine runs: compare ratios from one run.
 """
 
 from __future__ import annotations
