@@ -133,7 +133,7 @@ def uniform_rows(quick: bool):
                 res["out"], res["method"] = est.forward([sigma]), est.method  # noqa: B023
             cost = best(run, 7 if v <= 0.01 else 1)
             (k,), _, (err,) = res["out"]
-            method = "closed" if "pairs" not in res["method"] else "closed + 32 pairs"
+            method = "closed" if "pairs" not in res["method"] else res["method"][:7] + " CV + 32 pairs"
             cost_old = best(lambda: run(True), 1)
             (k_old,), _, (err_old,) = res["out"]
             mx = np.max(np.abs(k))
