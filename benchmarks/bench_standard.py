@@ -8,8 +8,9 @@ layer with tied scores (the floor: one softmax and two T×T products per distinc
 relative to the largest kernel entry, and the plain 64-draws-per-head estimate of the previous engine (stacked
 draws, one standard error) for comparison; a causal pair's products on the lower triangle (BLAS trmm) against
 full products (kept out of the engine: it did not pay); the peak memory of one estimate at 8 and 64 draws.
-Then the backward pass of a RoPE + standard layer (T = 64, H = 2; T = 32 in quick mode). Timings are
-wall-clock on whatever else the machine runs: compare ratios from one run.
+Then, for bidirectional unbiased RoPE-free scores (P = 11ᵀ/T) at T = 64, 256, the order-4 closed form (alone, or as
+the pairs' control variate) against the same floor. Then the backward pass of a RoPE + standard layer (T = 64, H =
+2; T = 32 in quick mode). Timings are wall-clock on whatever else the machine runs: compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -97,12 +98,56 @@ def main(quick: bool):
         tracemalloc.stop()
     print(f"peak memory of the estimate: {peaks[0] / 2**20:.1f} MiB at 8 draws, {peaks[1] / 2**20:.1f} MiB at 64 "
           f"(stacking the 64·H draw kernels: {64 * h * t * t * 8 / 2**20:.0f} MiB)")
+    uniform_rows(quick)
     tb = 32 if quick else 64
     net = Network(block=[Attention(heads=2, scores="standard", qk_var=1.0, causal=True, rope_theta=10000.0)],
                   depth=1)
     x = I.equicorrelated(tb, 1.0, 0.3)
     cost = best(lambda: backpropagate(net, x), 1)
     print(f"RoPE + standard backward, T = {tb}, H = 2: {cost:.2f} s")
+
+
+def uniform_rows(quick: bool):
+    """Bidirectional, unbiased, RoPE-free scores (P = 11ᵀ/T): the order-4 closed form (alone when its truncation
+    estimate is ≤ 1e-6 of the largest entry, else as the pairs' control variate) against the tied floor, with the
+    order-2 + pairs estimator for comparison, and the distance of the closed form to a long reference run
+    (order-4 control variate, 10× the default pairs; its own error printed); e₄ is the truncation estimate."""
+    print("P = 11ᵀ/T (bidirectional, no bias, no RoPE): order-4 closed form")
+    print(f"{'T':>4} {'σ_qk²':>6} {'method':>22} {'cost/tied':>9} {'error/max':>10} {'order-2+pairs/tied':>18} "
+          f"{'its error/max':>13} {'e₄/max':>8} {'|closed − ref|/max':>18} {'ref error/max':>13}")
+    h = 8
+    for t in ((64,) if quick else (64, 256)):
+        sigma = I.equicorrelated(t, 1.0, 0.3).sigma
+        segs = (t,)
+        for v in (0.01, 0.1, 0.25, 0.5, 1.0):
+            layer = Attention(heads=h, scores="standard", qk_var=v)
+            tl = Attention(heads=h, scores="tied", qk_var=v)
+            heads = MX.head_mixings(tl, sigma, segs, {})
+            ref = best(lambda: [m.kernel(sigma) for _, m in heads], 3)  # noqa: B023
+            res = {}
+
+            def run(old=False):
+                est = Estimator(layer, sigma, segs, {}, seed=(0, 1))  # noqa: B023
+                if old:
+                    est.uniform = None
+                res["out"], res["method"] = est.forward([sigma]), est.method  # noqa: B023
+            cost = best(run, 7 if v <= 0.01 else 1)
+            (k,), _, (err,) = res["out"]
+            method = "closed" if "pairs" not in res["method"] else res["method"][:7] + " CV + 32 pairs"
+            cost_old = best(lambda: run(True), 1)
+            (k_old,), _, (err_old,) = res["out"]
+            mx = np.max(np.abs(k))
+            probe = Estimator(layer, sigma, segs, {}, seed=(0, 1))
+            e4_est = probe.truncation(*probe.uniform.closed(sigma, probe.coef)[1:])
+            line = (f"{t:>4} {v:>6} {method:>22} {cost / ref:>9.2f} {err / mx:>10.1e} {cost_old / ref:>18.1f} "
+                    f"{err_old / mx:>13.1e} {e4_est / mx:>8.1e}")
+            if not quick or v <= 0.1:
+                est = Estimator(Attention(heads=h, scores="standard", qk_var=v, score_samples=640), sigma, segs, {},
+                                seed=(0, 9))
+                (kr,), _, (er,) = est.forward([sigma], tol=0.0)
+                e2, e4, _ = est.uniform.closed(sigma, est.coef)
+                line += f" {np.max(np.abs(e2 + e4 - kr)) / mx:>18.1e} {er / mx:>13.1e}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,115 @@ def pair_sum(a, v, w):
     return t1 - t2 - t3 + a.T @ (w * (a @ v @ a.T)) @ a
 
 
+CLOSED_TOL = 1e-6
+"""Relative error (to the largest kernel entry) under which the order-4 closed form is used without pairs."""
+
+
+class Uniform:
+    """Order-2 and order-4 closed forms when the zero-score matrix is uniform per sequence, ``P = 11ᵀ/T``
+    (bidirectional, no bias, no RoPE; docs/theory.md §2.7). The centred scores ``c_ij = s_ij − ⟨s_i⟩`` are then
+    matrix-normal, ``E[c_ij c_kl] = v K_ik K̄_jl`` with ``K̄ = (I − P) K (I − P)``, and row i of A is
+    ``(1/T)(1 + c + q₂(c) + q₃(c) + q₄(c) + …)`` with ``q₂ = (c² − m₂)/2``, ``q₃ = c³/6 − c m₂/2 − m₃/6``,
+    ``q₄ = c⁴/24 − c² m₂/4 − c m₃/6 − m₄/24 + m₂²/4`` (m_r = ⟨c^r⟩ over the row). Isserlis reduces every
+    expectation to block means of X against fixed matrices of K and K̄: O(N²) plus one product K̄ (K̄ ⊙ P)."""
+
+    def __init__(self, segments, k, v):
+        self.segments, self.v = tuple(segments), v
+        self.t = np.asarray(self.segments)
+        self.starts = np.concatenate([[0], np.cumsum(self.t)[:-1]])
+        self.p = np.zeros((len(k), len(k)))
+        for sl, t in zip(segment_slices(self.segments), self.segments):
+            self.p[sl, sl] = 1.0 / t
+        self.k = k
+        self.kappa = np.diag(k).copy()
+        kb = self.centre(k)
+        self.kbar = kb
+        d = np.diag(kb).copy()
+        t1 = self.mean(d[:, None])[:, 0]
+        self.e = d - t1
+        k2 = kb * kb
+        q = np.zeros(len(k))                        # Q_jj = ⟨K̄_jl²⟩ over j's sequence
+        kd = np.zeros(len(k))                       # (K̄^{AA} d^A)_j / T_A
+        kkp = np.zeros_like(k)                      # K̄^{AB} K̄^{BB} / T_B
+        for sl, t in zip(segment_slices(self.segments), self.segments):
+            q[sl] = k2[sl, sl].sum(axis=1) / t
+            kd[sl] = kb[sl, sl] @ d[sl] / t
+            kkp[:, sl] = kb[:, sl] @ kb[sl, sl] / t
+        dd = self.mean((d * d)[:, None])[:, 0]
+        qbar = self.mean(q[:, None])[:, 0]
+        self.g = d * d / 8.0 - (d * t1 + 2.0 * q) / 4.0 - kd / 2.0 - dd / 8.0 + (t1 * t1 + 2.0 * qbar) / 4.0
+        self.r1 = 0.5 * kb * self.e[None, :] - kkp - 0.5 * self.mean((kb * d[None, :]).T).T
+        self.c2 = self.centre(k2)
+        spread = 0.0                                # the largest variance of a score difference c_ij − c_il
+        for sl in segment_slices(self.segments):
+            b = kb[sl, sl]
+            spread = max(spread, float(np.max(d[sl][:, None] + d[sl][None, :] - 2.0 * b)))
+        self.lam = v * float(np.max(self.kappa)) * spread
+
+    def mean(self, y):
+        """``P y``: block means over each sequence's rows."""
+        if len(self.t) == 1:
+            return np.broadcast_to(y.mean(axis=0), y.shape)
+        return np.repeat(np.add.reduceat(y, self.starts, axis=0) / self.t[:, None], self.t, axis=0)
+
+    def means(self, y):
+        """``P y P``."""
+        return self.mean(self.mean(y).T).T
+
+    def centre(self, y):
+        """``(I − P) y (I − P)``."""
+        py = self.mean(y)
+        yp = self.mean(y.T).T
+        return y - py - yp + self.mean(yp)
+
+    def mean_a(self):
+        """``E[A]`` to order 2 and its order-4 term: ``(v/2) κ_i e_j/T`` and ``v² κ_i² g_j/T``."""
+        return (0.5 * self.v) * self.kappa[:, None] * self.p * self.e[None, :], \
+            (self.v ** 2) * (self.kappa ** 2)[:, None] * self.p * self.g[None, :]
+
+    def times_a(self, w, y):
+        """``W y`` for ``W = w ⊙ P ⊙ (a bᵀ)``-shaped means: rows ``w_i · (P(b ⊙ y))_i``; w, b vectors."""
+        return w[0][:, None] * self.mean(w[1][:, None] * y)
+
+    def closed(self, x, coef):
+        """``(E₂, E₄, E₂ − M₀XM₀ᵀ)``: the order-≤2 closed form of ``E[M X Mᵀ]``, its order-4 term and its
+        order-2 term, X symmetric."""
+        al, be, ga = coef
+        v, ka, k = self.v, self.kappa, self.k
+        mu = be - ga
+        px = self.mean(x)
+        pxp = self.mean(px.T).T
+        m0xm0 = al * al * x + al * mu * (px + px.T) + mu * mu * pxp
+        xn = al * x - ga * px.T if (al or ga) else None          # X N₀ᵀ, N₀ = αI − γP
+        xm = al * x + mu * px.T                                  # X M₀ᵀ
+        d1 = v * k * self.means(x * self.kbar)
+        e2 = self.times_a((0.5 * v * ka, self.e), xm)
+        e2_ = m0xm0 + be * be * d1 + be * (e2 + e2.T)
+        ga_ = self.means(self.g[:, None] * x)
+        r1 = self.means(self.r1 * x)
+        eta = 0.25 * self.means(np.outer(self.e, self.e) * x)
+        zeta = 0.5 * self.means(self.c2 * x)
+        ka2 = ka * ka
+        axa = v * v * (ka2[:, None] * ga_ + ka2[None, :] * ga_.T + k * (ka[None, :] * r1 + ka[:, None] * r1.T)
+                       + np.outer(ka, ka) * eta + k * k * zeta)
+        e4 = be * be * axa
+        if xn is not None:
+            t = self.times_a((v * v * ka2, self.g), xn)
+            e4 = e4 + be * (t + t.T)
+        return e2_, e4, e2_ - m0xm0
+
+    def deltas(self, s):
+        """δ1…δ4 of one draw: ``(1/T) q_r(c_i)`` row-wise."""
+        c = s - self.mean(s.T).T
+        m = lambda y: self.mean(y.T).T           # noqa: E731   row means, broadcast back
+        c2 = c * c
+        m2, m3 = m(c2), m(c2 * c)
+        q2 = 0.5 * (c2 - m2)
+        q3 = c2 * c / 6.0 - 0.5 * c * m2 - m3 / 6.0
+        q4 = c2 * c2 / 24.0 - 0.25 * c2 * m2 - c * m3 / 6.0 - m(c2 * c2) / 24.0 + 0.25 * m2 * m2
+        return [self.p * q for q in (c, q2, q3, q4)]
+
+
 class Estimator:
     """The expectations of one attention layer with standard scores on the kernel ``sigma``."""
 
@@ -84,10 +193,22 @@ class Estimator:
             pos = RP.positions(self.segments)
             self.lag = pos[:, None] - pos[None, :] + t_max - 1          # index of t_j − t_l
             ktil = ktil * RP.layer_rho(layer, pos[:, None] - pos[None, :])
-        self.p = [self._zero_score(h) for _, h in self.groups]
-        self.ed2 = [self._mean_d2(p, ktil) for p in self.p]
+        flat = (layer.bias is None and not layer.causal) or all(np.all(o == o[:, :1]) for o in self.offsets)
+        # constant rows: P = 11ᵀ/T per sequence
+        self.uniform = Uniform(self.segments, self.kq, self.v) if (
+            flat and layer.rope_theta is None and layer.attention == "softmax" and layer.spa == "none") else None
+        self.p = [self.uniform.p if self.uniform is not None else self._zero_score(h) for _, h in self.groups]
+        self.method = "order-2 closed form + control-variate pairs"
+        self.ktil, self._ed2 = ktil, None
         self.kernels: list = []          # the forward's estimates, kept for the backward rule
         self.back_error = 0.0            # the error of the last E[MᵀΠM] (largest entry)
+
+    @property
+    def ed2(self):
+        """``E[δ2]`` per group (computed on first use: the uniform-P forward does without)."""
+        if self._ed2 is None:
+            self._ed2 = [self._mean_d2(p, self.ktil) for p in self.p]
+        return self._ed2
 
     # -- matrices -------------------------------------------------------------------------------
     def _dense(self, blocks):
@@ -201,9 +322,98 @@ class Estimator:
         return out
 
     # -- estimates ------------------------------------------------------------------------------
-    def forward(self, xs, want_mean=False):
+    def truncation(self, e4, d2):
+        """Estimated bound on the order-≥6 remainder of the order-4 closed form (largest entry):
+        ``(max|E₄| + max|D₂| λ/4) · λ/(1 − λ)`` (D₂ the order-2 term; E₄ alone can nearly cancel, e.g. at
+        T = 6), λ = v max_i K_ii max_jl (K̄_jj + K̄_ll − 2K̄_jl) the largest variance of a
+        difference of two scores of one row (an estimate, not a proof: the series' successive terms shrink like
+        λ/r, r ≥ 3; validated on the battery of tests/test_standard_scores.py, docs/theory.md §2.7); ∞ for λ ≥ 1/2."""
+        lam = self.uniform.lam
+        if lam >= 0.5:
+            return np.inf
+        return (float(np.max(np.abs(e4))) + 0.25 * lam * float(np.max(np.abs(d2)))) * lam / (1.0 - lam)
+
+    def forward_uniform(self, xs, want_mean=False, tol=None):
+        """The uniform-P forward (docs/theory.md §2.7): the order-4 closed form, alone when its estimated
+        truncation is ≤ ``tol`` (default :data:`CLOSED_TOL`) times the largest entry of every kernel, else the
+        control variate of the antithetic pairs (remainder O(v³) per pair)."""
+        un, be = self.uniform, self.coef[1]
+        tol = CLOSED_TOL if tol is None else tol
+        closed, closed2, bounds = [], [], []
+        for x in xs:
+            e2, e4, d2 = un.closed(x, self.coef)
+            closed.append(e2 + e4)
+            closed2.append(e2)
+            bounds.append(self.truncation(e4, d2))
+        if want_mean:
+            ed2, ed4 = un.mean_a()
+            m0 = self.m0(self.p[0])
+            closed.append(m0 + be * (ed2 + ed4))
+        if all(b <= tol * np.max(np.abs(c)) for b, c in zip(bounds, closed)):
+            self.method = "order-4 closed form (P uniform), truncation estimate"
+            kernels = [(c + c.T) * 0.5 for c in closed[:len(xs)]]
+            return kernels, (closed[-1] if want_mean else None), bounds
+        n_out = len(closed)
+        # both control variates on the same pairs: F₂(S) (order 2) and F₄(S) (order 4); per output the one whose
+        # largest per-entry variance is smaller (F₄'s c⁴ terms are heavy-tailed when λ ≳ 1, measured at T = 8)
+        acc = [[np.zeros((self.n, self.n)) for _ in range(n_out)] for _ in range(2)]
+        sq = [[np.zeros((self.n, self.n)) for _ in range(n_out)] for _ in range(2)]
+        base = [closed2 + [m0 + be * ed2] if want_mean else closed2, closed]
+        al, ga = self.coef[0], self.coef[2]
+        p = self.p[0]
+        h = self.groups[0][1]
+        mu = be - ga
+        pre = []
+        for x in xs:
+            px = un.mean(x)
+            pre.append((al * x + mu * px.T, al * al * x + al * mu * (px + px.T) + mu * mu * un.mean(px.T).T))
+        for s in self.draws(0):
+            mp, mm = self.mix(self.softmax(s, h), p), self.mix(self.softmax(-s, h), p)
+            d1, d2, d3, d4 = un.deltas(s)
+            rs: list = [[], []]
+            for x, (xm, m0xm0) in zip(xs, pre):
+                # F₂(S) = M₀XM₀ᵀ + βδ2XM₀ᵀ + h.c. + β²δ1Xδ1ᵀ
+                # F₄(S) = F₂(S) + βδ4XM₀ᵀ + h.c. + β²(δ1Xδ3ᵀ + h.c. + δ2Xδ2ᵀ)
+                t2, t4 = d2 @ xm, d4 @ xm
+                d1x = d1 @ x
+                u = d1x @ d3.T
+                f2 = m0xm0 + be * (t2 + t2.T) + be * be * (d1x @ d1.T)
+                f4 = f2 + be * (t4 + t4.T) + be * be * (u + u.T + d2 @ x @ d2.T)
+                f = 0.5 * (sandwich(mp, x) + sandwich(mm, x))
+                for o, fo in enumerate((f2, f4)):
+                    r = f - fo
+                    rs[o].append((r + r.T) * 0.5)
+            if want_mean:
+                r = 0.5 * (mp + mm) - self.m0(p) - be * d2
+                rs[0].append(r)
+                rs[1].append(r - be * d4)
+            for o in range(2):
+                for j, r in enumerate(rs[o]):
+                    acc[o][j] += r
+                    sq[o][j] += r * r
+        k = self.pairs
+        est, var, used = [], [], []
+        for j in range(n_out):
+            cand = []
+            for o in range(2):
+                mean = acc[o][j] / k
+                cand.append((float(np.max(np.maximum(sq[o][j] - k * mean * mean, 0.0))) / (k * (k - 1)),
+                             base[o][j] + mean, np.maximum(sq[o][j] - k * mean * mean, 0.0) / (k * (k - 1)), o))
+            best = min(cand, key=lambda c: c[0])
+            est.append(best[1])
+            var.append(best[2])
+            used.append(best[3])
+        self.method = ("order-4" if used[0] else "order-2") + " closed form (P uniform) + control-variate pairs"
+        q = self.quantile()
+        errs = [q * float(np.sqrt(np.max(v))) for v in var[:len(xs)]]
+        kernels = [(e + e.T) * 0.5 for e in est[:len(xs)]]
+        return kernels, (est[-1] if want_mean else None), errs
+
+    def forward(self, xs, want_mean=False, tol=None):
         """``[E[(1/H)Σ_h M_h X M_hᵀ] for X in xs]``, ``E[(1/H) Σ_h M_h]`` (if asked), and the errors of the
-        kernels (largest entry)."""
+        kernels (largest entry). Uniform P (bidirectional, no bias, no RoPE): :meth:`forward_uniform`."""
+        if self.uniform is not None and len(self.groups) == 1:
+            return self.forward_uniform(xs, want_mean, tol)
         be = self.coef[1]
         n_out = len(xs) + (1 if want_mean else 0)
         est = [np.zeros((self.n, self.n)) for _ in range(n_out)]
