@@ -23,6 +23,7 @@ from pathlib import Path
 import kernelprop as kp
 from kernelprop.finite import gram
 from kernelprop.montecarlo import simulate
+from results import result
 
 EXAMPLES = Path(kp.__file__).parent / "examples"
 
@@ -68,6 +69,7 @@ def main():
                 tg = best_of(lambda net=net, inputs=inputs, w=w: gram.sample(
                     net, inputs, w, samples, seed=0, batch=samples, spectral=False), repeat)
                 print(f"| {name} | {w} | {t} | {ts:.3f} | {tg:.3f} | {ts / tg:.2f} |", flush=True)
+                result(f"simulate / Gram sampler, {name}, width {w}, T = {t}", ts / tg, "ratio", ">= 1")
 
 
 if __name__ == "__main__":

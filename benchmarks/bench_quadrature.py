@@ -26,6 +26,7 @@ import numpy as np
 
 from kernelprop.kernel import activations as A
 from kernelprop.kernel import quadrature as Q
+from results import result
 
 
 def mish(x):
@@ -100,6 +101,8 @@ def main(quick: bool):
                 to = rate[label] * entries
                 old = f"{1e3 * to:.4g} est."
             print(f"| {t} | {label} | {1e3 * tn:.4g} | {old} | {to / tn:.3g} | {err:.2e} |", flush=True)
+            if t in (256, 2048):
+                result(f"activation kernel, T = {t}, {label}", 1e3 * tn, "ms", "<= 50" if t == 256 else "<= 5000")
     print("\n| T = 2048, unequal variances | new ms | new err |")
     print("|---|---|---|")
     if not quick:
@@ -119,6 +122,7 @@ def main(quick: bool):
         kn, _, en = run(act, sigma, "auto")
         ko, _, eo = run(act, sigma, "adaptive")
         tn, to = np.abs(kn[ii, jj] - ref).max(), np.abs(ko[ii, jj] - ref).max()
+        result(f"reported / true error, T = 64, {label}", en / max(tn, ref_acc), "ratio", ">= 1")
         print(f"| {label} | {en:.2e} | {tn:.2e} | {eo:.2e} | {to:.2e} | {ref_acc:.1e} |", flush=True)
 
 

@@ -28,6 +28,7 @@ from kernelprop.kernel.backward import backpropagate  # noqa: E402
 from kernelprop.layers.attention import matrices as MX  # noqa: E402
 from kernelprop.layers.attention.standard import Estimator  # noqa: E402
 from kernelprop.network.layers import Attention, Network  # noqa: E402
+from results import result  # noqa: E402
 
 
 def best(fn, repeat):
@@ -67,6 +68,8 @@ def main(quick: bool):
             cost = best(run, 1)
             (k,), _, (err,) = res["out"]
             line = f"{v:>6} {str(bias):>6} {cost / ref:>14.1f} {err / np.max(np.abs(k)):>10.1e}"
+            result(f"standard-score layer / tied layer, T = {t}, H = {h}, σ_qk² = {v}, bias {bias} "
+                   f"(error/max {err / np.max(np.abs(k)):.1e})", cost / ref, "ratio", "<= 5")
             if not quick or (v == 0.1 and bias is None):
                 t0 = time.perf_counter()
                 old, old_err = plain(layer, sigma, segs)
@@ -139,6 +142,8 @@ def uniform_rows(quick: bool):
             mx = np.max(np.abs(k))
             probe = Estimator(layer, sigma, segs, {}, seed=(0, 1))
             e4_est = probe.truncation(*probe.uniform.closed(sigma, probe.coef)[1:])
+            result(f"standard-score layer / tied layer, P = 11ᵀ/T, T = {t}, H = {h}, σ_qk² = {v}, {method} "
+                   f"(error/max {err / mx:.1e})", cost / ref, "ratio", "<= 5")
             line = (f"{t:>4} {v:>6} {method:>22} {cost / ref:>9.2f} {err / mx:>10.1e} {cost_old / ref:>18.1f} "
                     f"{err_old / mx:>13.1e} {e4_est / mx:>8.1e}")
             if not quick or v <= 0.1:

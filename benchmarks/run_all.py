@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/run_all.py [--quick] [--only NAME[,NAME…]]
 
+(bench_neural_tangents creates its own environment with JAX and Neural Tangents on first run.)
+
 Each script prints, besides its own tables, lines of the form
 ``RESULT | <what> | <value> | <unit> | <target> |`` (:func:`results.result`) (target like ``<= 1.5`` or ``>= 3``, or ``-``); this driver
 runs the scripts one after another (never in parallel: they time themselves), collects those lines and
@@ -20,8 +22,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_quadrature", "bench_propagate", "bench_standard", "bench_sweep", "bench_montecarlo",
-           "bench_finite", "bench_imports")
+SCRIPTS = ("bench_imports", "bench_quadrature", "bench_propagate", "bench_sweep", "bench_montecarlo", "bench_standard",
+           "bench_finite", "bench_neural_tangents")
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 
