@@ -280,3 +280,23 @@ def test_chain_is_the_wide_limit_of_the_gram_sampler():
     assert np.all(ratio_narrow > 1.25), ratio_narrow
     z = (wide.mean(axis=0) - c.mean(axis=0)) / np.sqrt(wide.var(axis=0) / 400 + c.var(axis=0) / 400)
     assert np.all(np.abs(z) < 4), z
+
+
+def test_batched_chains_have_the_law_of_chains_run_one_by_one(monkeypatch):
+    # every chain at once (a batch of kernels) against the per-chain loop: two-sample KS per measure
+    from kernelprop import inputs, models
+    s = models.load("torch_encoder", depth=4)
+    x = inputs.equicorrelated(8, 1.0, 0.3)
+    calls = []
+    original = chain.ChainAttention._plain
+    monkeypatch.setattr(chain.ChainAttention, "_plain",
+                        lambda self, sigma, seg, ctx: calls.append(sigma.ndim) or original(self, sigma, seg, ctx))
+    batched = chain.run(s.network, x, heads=4, samples=300, seed=11)
+    assert set(calls) == {3}                                    # the scores were drawn for the whole batch
+    monkeypatch.setattr(chain, "_plain_only", lambda layer: False)
+    calls.clear()
+    looped = chain.run(s.network, x, heads=4, samples=300, seed=12)
+    assert set(calls) == {2}
+    for name in ("cos_mean", "cos_min", "rank_one_distance"):     # (q_mean is 1 up to rounding after LayerNorm)
+        p = stats.ks_2samp(batched.samples[name][:, -1], looped.samples[name][:, -1]).pvalue
+        assert p > 0.001 / 3, (name, p)

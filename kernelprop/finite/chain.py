@@ -50,19 +50,44 @@ class ChainAttention(Attention):
 
     def _plain(self, sigma, segments, ctx) -> list:
         """All H heads' scores at once, ``S_h = σ_qk F Z_h Fᵀ`` (F the symmetric square root of the score
-        kernel), then the masked, biased softmax per sequence."""
-        h, n = self.heads, len(sigma)
-        f = MX._sqrt_factor(MX.score_kernel(self, sigma, ctx.where))
-        full = np.sqrt(resolved(self.qk_var)) * (f @ ctx.chain_rng.standard_normal((h, n, n)) @ f.T)    # (H, N, N)
+        kernel), then the masked, biased softmax per sequence; for a batch of chains (B, N, N) every chain
+        draws its own scores (B, H, N, N)."""
+        h, n = self.heads, sigma.shape[-1]
+        f = _sqrt_factors(MX.score_kernel(self, sigma, ctx.where))[..., None, :, :]        # (…, 1, N, N)
+        z = ctx.chain_rng.standard_normal(sigma.shape[:-2] + (h, n, n))
+        full = np.sqrt(resolved(self.qk_var)) * (f @ z @ np.swapaxes(f, -1, -2))              # (…, H, N, N)
         key = ("chain-offsets", id(self), max(segments))
         offsets = ctx.cache.get(key)
         if offsets is None:
             offsets = ctx.cache[key] = MX.logit_offsets(self, max(segments), ctx.where)
         blocks, start = [], 0
         for t in segments:
-            blocks.append(MX.softmax(full[:, start:start + t, start:start + t] + offsets[:, :t, :t]))
+            blocks.append(MX.softmax(full[..., start:start + t, start:start + t] + offsets[:, :t, :t]))
             start += t
-        return [(1.0 / h, MX.Dense(segments, [b[i] for b in blocks])) for i in range(h)]
+        return [(1.0 / h, MX.Dense(segments, [b[..., i, :, :] for b in blocks])) for i in range(h)]
+
+
+def _sqrt_factors(s):
+    """:func:`kernelprop.layers.attention.matrices._sqrt_factor` for one kernel or a stack (…, N, N): F with
+    F Fᵀ = Σ, eigenvalues below N·ε·λ_max of each kernel set to 0."""
+    w, v = np.linalg.eigh(s)
+    top = np.maximum(w[..., -1:], 0.0)
+    w = np.where(w > s.shape[-1] * np.finfo(float).eps * top, w, 0.0)
+    return (v * np.sqrt(w)[..., None, :]) @ np.swapaxes(v, -1, -2)
+
+
+def _plain_only(layer) -> bool:
+    """Whether every chain attention in ``layer`` draws its scores in :meth:`ChainAttention._plain` (so the
+    chains can run as one batch)."""
+    if isinstance(layer, ChainAttention):
+        return layer.rope_theta is None and layer.matrix == "softmax" and layer.attention == "softmax"
+    if isinstance(layer, Residual):
+        return _plain_only(layer.branch)
+    if isinstance(layer, Parallel):
+        return all(_plain_only(b) for b in layer.branches)
+    if isinstance(layer, Serial):
+        return all(_plain_only(c) for c in layer.layers)
+    return True
 
     def kernel_map(self, s, ctx):
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -121,7 +146,32 @@ def run(network: Network, inputs: Inputs, heads: int | None = None, samples: int
     streams = np.random.SeedSequence(int(seed)).spawn(samples)
     kerns = np.empty((len(labels), samples, n, n))
     means = np.empty((len(labels), samples, n))
-    for c in range(samples):
+    if all(_plain_only(u.layer) for u in work):       # every chain at once: a batch of kernels
+        from ..sweep.batch import batch_size
+        size = batch_size(n)
+        for first in range(0, samples, size):
+            b = min(size, samples - first)
+            ctx = Context()
+            ctx.chain_rng = np.random.Generator(np.random.PCG64(streams[first]))   # type: ignore[attr-defined]
+            state = KernelState(np.broadcast_to(inputs.sigma, (b, n, n)).copy(),
+                                np.broadcast_to(inputs.mean, (b, n)).copy(), inputs.segments,
+                                quad_error=np.zeros(b))
+            r = 0
+
+            def keep_all(s, first=first, b=b):
+                nonlocal r
+                kerns[r, first:first + b], means[r, first:first + b] = s.sigma, s.mean
+                rows[r].extend(M.compute(s.sigma[k], s.segments, s.mean[k], spectral=spectral) for k in range(b))
+                r += 1
+
+            keep_all(state)
+            for unit in work:
+                state, _ = run_unit(unit, state, ctx, keep=lambda i, s, unit=unit: (
+                    keep_all(s) if plan.after(unit, i) is not None else None))
+        samples_done = samples
+    else:
+        samples_done = 0
+    for c in range(samples_done, samples):
         ctx = Context()
         ctx.chain_rng = np.random.Generator(np.random.PCG64(streams[c]))     # type: ignore[attr-defined]
         state = KernelState(inputs.sigma.copy(), inputs.mean.copy(), inputs.segments)

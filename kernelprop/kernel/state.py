@@ -78,7 +78,7 @@ class KernelState:
     segments: tuple
     gaussian: bool = True
     dep: Dependence | None = None
-    quad_error: float = 0.0
+    quad_error: float | np.ndarray = 0.0     # one per member in a batch
     width: float = 1.0
     head_blocks: bool = False
     ntk: np.ndarray | None = None

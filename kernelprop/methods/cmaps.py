@@ -89,7 +89,7 @@ def c_map(block, c, q: float = 1.0, env: dict | None = None, *, return_error: bo
     ctx = Context()
     for k, ck in enumerate(c):
         s = apply(block, _pair(q, float(ck)), ctx)
-        out[k], err[k] = _cosine(s.sigma, s.quad_error)
+        out[k], err[k] = _cosine(s.sigma, float(s.quad_error))
     return (out, err) if return_error else out
 
 
