@@ -132,6 +132,8 @@ def _preset_options(named: bool = True, scores_alias: bool = True):
         sig = inspect.signature(command, eval_str=True)
         extra = [inspect.Parameter(f"preset_{name}", inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
                  for name, kind, default in options]
+        extra.append(inspect.Parameter("preset_context", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                       annotation=typer.Context))     # which options the command line set
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
@@ -145,8 +147,13 @@ def _preset_options(named: bool = True, scores_alias: bool = True):
                 knobs["scores"] = alias
             if named:
                 kwargs["preset"] = knobs.pop("name")
+            ctx = kwargs.pop("preset_context", None)
+            given = frozenset(n for n in knobs if ctx is not None and n != "name" and getattr(
+                ctx.get_parameter_source(f"preset_{n}"), "name", "") == "COMMANDLINE")
+            if "scores_alias" in given:
+                given = (given - {"scores_alias"}) | {"scores"}
             with _errors():        # the preset knobs are checked here, before the command's own wrapper
-                chosen = PresetOptions(**knobs)
+                chosen = PresetOptions(**knobs, given=given)
             return command(*args, options=chosen, **kwargs)
 
         hidden = ("preset", "options")
@@ -176,13 +183,28 @@ def _complete_example(incomplete: str) -> list[str]:
     return [name for name in examples() if name.startswith(incomplete)]
 
 
-def _load(spec, preset, options, depth, set_):
+KNOB_FLAGS = {"tokens": "--tokens", "rho": "--rho", "heads": "--heads", "causal": "--causal/--bidirectional",
+              "scores": "--preset-scores", "activation": "--activation"}
+
+
+def _load(spec, preset, options, depth, set_, allowed=()):
     """The Spec of SPEC (a file or bundled example) or of --preset NAME."""
     from kernelprop import models
     _spec_or_preset(spec, preset)
     if spec is not None:
+        _refuse_knobs(spec, options, allowed)
         return models.load(spec, depth=depth, overrides=set_)
     return models.preset(preset, depth, overrides=set_, options=options)
+
+
+def _refuse_knobs(spec, options, allowed=()):
+    """A preset option given with a spec would be ignored (the spec sets its own input and layers): refuse it."""
+    extra = sorted(set(getattr(options, "given", ())) - set(allowed)) if options is not None else []
+    if extra:
+        from kernelprop.errors import SpecError
+        raise SpecError(KNOB_FLAGS.get(extra[0], extra[0]), getattr(options, extra[0]),
+                        f"sets a preset's input or layers; the spec {spec} sets its own: edit the file (or its "
+                        "[params] with --set NAME=VALUE), or use --preset NAME")
 
 
 def _spec_or_preset(spec, preset):
@@ -192,18 +214,9 @@ def _spec_or_preset(spec, preset):
                         "give either a spec (file or bundled example) or --preset NAME")
 
 
-def _explicit_heads(ctx, options):
-    """``--heads`` when given on the command line (the finite prediction's heads), else None: its default
-    only builds presets."""
-    source = ctx.get_parameter_source("preset_heads") if ctx is not None else None
-    given = getattr(source, "name", None) == "COMMANDLINE"
-    return options.heads if given else None
-
-
 @app.command()
 @_preset_options()
 def run(
-    ctx: typer.Context,
     spec: Optional[str] = typer.Argument(None, help="Spec file (.toml) or the name of a bundled example.",
                                          autocompletion=_complete_spec),
     config: Optional[Path] = typer.Option(None, "--config", help="Run a Hugging Face config.json instead of a spec "
@@ -254,13 +267,14 @@ def run(
             if spec is not None or preset is not None:
                 from kernelprop.errors import SpecError
                 raise SpecError("--config", str(config), "give one of a spec, --preset NAME or --config FILE")
+            _refuse_knobs(config, options, allowed=("tokens", "rho", "heads"))   # the config sets its layers
             s = hf.load(config, depth=depth, overrides=set_, tokens=options.tokens, rho=options.rho)
         else:
-            s = _load(spec, preset, options, depth, set_)
+            s = _load(spec, preset, options, depth, set_, allowed=("heads",))   # --heads: the finite prediction's
         labelled = output is not None and output.suffix.lower() in (".nc", ".zarr")
         if output is not None and not labelled:
             io.check_format(output)
-        heads = _explicit_heads(ctx, options)
+        heads = options.heads if "heads" in options.given else None   # --heads given: finite heads
         if width is not None or heads is not None:     # the finite prediction beside the limit
             if labelled:
                 from kernelprop.errors import SpecError
@@ -682,6 +696,8 @@ def sweep_command(
         fig_path = None if no_figure else figure or (output.with_suffix(".png") if output is not None else None)
         fig_format = style.check_format(fig_path) if fig_path is not None else None
         _spec_or_preset(spec, preset)
+        if spec is not None:
+            _refuse_knobs(spec, options)
         model, x, depth = models.sweep_model(spec, preset, depth=depth, overrides=set_, options=options)
         if scheduler is None and workers is None:
             scheduler = os.environ.get("KERNELPROP_SCHEDULER") or None

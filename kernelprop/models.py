@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,8 @@ class PresetOptions:
     causal: bool = True
     scores: str = "uniform"
     activation: str = "relu"
+    #: the options set explicitly (on the command line); a spec file has its own input and layers and refuses them
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self):
         for name in ("tokens", "heads"):

@@ -260,8 +260,7 @@ def test_per_record_tables_read_back_to_their_files(tmp_path, columns, command):
 def test_simulation_and_check_tables_fit_without_cutting(tmp_path, columns):
     # before: headers cut to "rank_one_d…", "stable_ra…" at 80 columns
     out = tmp_path / "s.json"
-    res = invoke(["simulate", "pre_ln", "-L", "3", "--width", "64", "--seeds", "4", "--tokens", "8", "-o", str(out)],
-                 columns)
+    res = invoke(["simulate", "pre_ln", "-L", "3", "--width", "64", "--seeds", "4", "-o", str(out)], columns)
     assert res.exit_code == 0, res.output
     assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= columns
     assert "rank one" in res.stdout and "stable" in res.stdout
@@ -279,7 +278,6 @@ def test_simulation_and_check_tables_fit_without_cutting(tmp_path, columns):
             assert agrees(mean, records[label][m]) and agrees(se, records[label][m + "_se"]), (label, m, mean, se)
         seen += 1
     assert seen == len(records)
-    res = invoke(["check", "pre_ln", "-L", "2", "--width", "96", "--seeds", "4", "--tokens", "8", "--gradients"],
-                 columns)
+    res = invoke(["check", "pre_ln", "-L", "2", "--width", "96", "--seeds", "4", "--gradients"], columns)
     assert res.exit_code in (0, 3), res.output
     assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= columns

@@ -191,7 +191,10 @@ OPTIONS = {
 def test_fuzz_command_lines(tmp_path_factory, command, data, target):
     args = [command]
     if command in ("run", "gradients", "symbolic"):
-        args += [target, "--depth", "2"] + (["--tokens", "4"] if command != "symbolic" else [])
+        if command != "symbolic" and data.draw(st.booleans()):     # a preset, small; or the spec (its own input)
+            args += ["--preset", target, "--depth", "2", "--tokens", "4"]
+        else:
+            args += [target, "--depth", "2"]
     for _ in range(data.draw(st.integers(0, 3))):
         if OPTIONS[command]:
             args += [data.draw(st.sampled_from(OPTIONS[command])), data.draw(option_values)]

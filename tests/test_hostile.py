@@ -176,3 +176,22 @@ def test_a_list_where_a_kind_or_type_name_belongs_is_a_spec_error(raw):
     from kernelprop.network.spec import from_dict
     with pytest.raises(kp.SpecError, match=r"input\.kind|block\[0\]\.type"):
         from_dict(raw)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["run", "pre_ln", "-L", "2", "--tokens", "8"], "--tokens = 8"),
+    (["simulate", "relu_mlp", "-L", "2", "--rho", "0.3", "--width", "64"], "--rho = 0.3"),
+    (["gradients", "pre_ln", "-L", "2", "--preset-scores", "tied"], "--preset-scores = 'tied'"),
+    (["sweep", "pre_ln", "--param", "beta=1,2", "--bidirectional", "--no-figure"], "--causal/--bidirectional"),
+])
+def test_a_preset_option_given_with_a_spec_is_refused_not_ignored(args, flag):
+    # before: silently ignored (the spec's own 32 tokens, rho, scores and mask were used)
+    res = runner.invoke(app, args, env=WIDE)
+    _clean(res, 2)
+    assert flag in res.stderr and "sets its own" in res.stderr
+
+
+def test_run_heads_with_a_spec_is_the_finite_prediction_not_a_refusal():
+    args = ["run", "relu_mlp", "-L", "1", "--heads", "2", "--width", "16", "--samples", "2"]
+    res = runner.invoke(app, args, env=WIDE)
+    assert res.exit_code == 0, res.output
