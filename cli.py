@@ -232,8 +232,9 @@ def run(
                              "parametrisation, docs/theory.md §14) and show its mean diagonal and condition number."),
     width: Optional[int] = typer.Option(None, "--width", help="Also predict finite width D: the limit beside D-wide "
                                         "networks drawn in Gram space (mean, s.d., bias; docs/finite-width.md). "
-                                        "--heads H, given explicitly, sets every attention layer's heads (without "
-                                        "--width: finite heads at infinite width, the chain of kernels)."),
+                                        "With a spec, --heads H sets every attention layer's heads (without "
+                                        "--width: finite heads at infinite width, the chain of kernels); with "
+                                        "--preset it is the preset's own knob."),
     samples: int = typer.Option(256, "--samples", help="Networks (or chains) drawn for the finite prediction."),
     measures: Optional[str] = typer.Option(None, "--measures", help="Compute only these measures, comma-separated "
                                            "(default: all): q_mean, q_min, q_max, cos_mean, cos_min, cross_cos_mean, "
@@ -274,7 +275,8 @@ def run(
         labelled = output is not None and output.suffix.lower() in (".nc", ".zarr")
         if output is not None and not labelled:
             io.check_format(output)
-        heads = options.heads if "heads" in options.given else None   # --heads given: finite heads
+        # --heads with a spec: the finite prediction's heads (a preset takes it as its own knob)
+        heads = options.heads if "heads" in options.given and preset is None else None
         if width is not None or heads is not None:     # the finite prediction beside the limit
             if labelled:
                 from kernelprop.errors import SpecError

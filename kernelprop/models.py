@@ -110,7 +110,9 @@ class PresetOptions:
                 raise SpecError(f"options.{name}", getattr(self, name), "must be a string")
 
     def inputs(self) -> I.Inputs:
-        """The equicorrelated input kernel ``q = 1``, ``rho``, over ``tokens`` tokens."""
+        """The equicorrelated input kernel ``q = 1``, ``rho``, over ``tokens`` tokens (memory checked first)."""
+        from .kernel.propagate import check_tokens
+        check_tokens(self.tokens, field="options.tokens")
         return I.equicorrelated(self.tokens, 1.0, self.rho)
 
     def raw(self) -> dict:

@@ -195,3 +195,20 @@ def test_run_heads_with_a_spec_is_the_finite_prediction_not_a_refusal():
     args = ["run", "relu_mlp", "-L", "1", "--heads", "2", "--width", "16", "--samples", "2"]
     res = runner.invoke(app, args, env=WIDE)
     assert res.exit_code == 0, res.output
+
+
+def test_run_heads_with_a_preset_is_the_presets_knob_not_the_finite_prediction():
+    res = runner.invoke(app, ["run", "--preset", "pre_ln", "-L", "2", "--tokens", "8", "--heads", "2"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "finite prediction" not in res.stdout and "block 2" in res.stdout
+
+
+def test_huge_heads_and_tokens_of_a_preset_are_refused_up_front():
+    # before: numpy's "Maximum allowed dimension exceeded" traceback (found by the fuzzer)
+    res = runner.invoke(app, ["run", "--preset", "pre_ln", "-L", "2", "--heads", "99999999999999999999"], env=WIDE)
+    _clean(res, 2)
+    assert "attention.heads" in res.stderr and "at most 65536" in res.stderr
+    res = runner.invoke(app, ["gradients", "--preset", "vanilla", "-L", "2", "--tokens", "99999999999999999999"],
+                        env=WIDE)
+    _clean(res, 2)
+    assert "--tokens = 99999999999999999999" in res.stderr

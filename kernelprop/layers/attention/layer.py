@@ -26,6 +26,8 @@ from . import matrices as MX
 from . import rope
 from . import standard as STD
 
+MAX_HEADS = 65536
+
 
 @register_layer
 @dataclass(frozen=True, eq=False)
@@ -114,6 +116,9 @@ class Attention(Layer):
             raise SpecError("attention.score_samples", self.score_samples, "must be a whole number >= 2")
         if isinstance(self.heads, bool) or not isinstance(self.heads, (int, np.integer)) or self.heads < 1:
             raise SpecError("attention.heads", self.heads, "must be a whole number >= 1")
+        if self.heads > MAX_HEADS:     # per-head biases and masks are (H, T, T) arrays
+            raise SpecError("attention.heads", self.heads, f"must be at most {MAX_HEADS} (the wide-limit map keeps one "
+                            "T×T bias per head)")
         if self.matrix == "softmax" and (self.alpha != 1.0 or self.beta != 1.0 or self.gamma != 0.0):
             raise SpecError("attention.matrix", self.matrix,
                             "alpha/beta/gamma only apply with matrix = \"value_skipinit\" or \"shaped\"")
