@@ -212,3 +212,13 @@ def test_huge_heads_and_tokens_of_a_preset_are_refused_up_front():
                         env=WIDE)
     _clean(res, 2)
     assert "--tokens = 99999999999999999999" in res.stderr
+
+
+def test_a_depth_beyond_the_limit_is_refused_before_any_work():
+    # before: gradients --depth 999999 grew to 21 GB building the backward tape (found by a 5000-example fuzz run)
+    res = runner.invoke(app, ["gradients", "--preset", "vanilla", "--tokens", "4", "--depth", "999999"], env=WIDE)
+    _clean(res, 2)
+    assert "depth = 999999" in res.stderr and "at most 100000" in res.stderr
+    with pytest.raises(kp.SpecError, match="at most 100000"):
+        kp.Network(block=[kp.Dense()], depth=100_001)
+    assert kp.Network(block=[kp.Dense()], depth=100_000).depth == 100_000

@@ -16,6 +16,9 @@ from ..layers.base import Layer
 from ..layers.composite import Serial
 from . import expressions
 
+MAX_DEPTH = 100_000      # blocks; see Network.__post_init__
+
+
 _SHAPE_FIELDS = ("width_factor", "key_width")   # numeric fields that set a weight matrix's shape
 _copying = threading.local()   # set while with_depth/with_params copy a network (its unused params were reported)
 
@@ -59,6 +62,9 @@ class Network:
                 raise SpecError(part, v, "must be a layer or a list of layers")
         if isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer)) or self.depth < 0:
             raise SpecError("depth", self.depth, "must be a whole number >= 0")
+        if self.depth > MAX_DEPTH:      # the walk, the records and the backward tape grow with the depth
+            raise SpecError("depth", self.depth, f"must be at most {MAX_DEPTH} blocks (a run keeps a record and the "
+                            "backward pass a unit per block: 20 000 blocks take about 0.2 GB)")
         params = dict(self.params)
         for k, v in params.items():
             if not k.isidentifier() or k in ("L", "l") or k in expressions.FUNCTIONS or k in expressions.CONSTANTS:
