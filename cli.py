@@ -285,7 +285,8 @@ def run(
             pred = predict(s.network, s.inputs, width=width, heads=heads, samples=samples,
                            every=every or s.record["every"])
             out.print(f"{s.network.name or spec} — depth {s.network.depth}, {s.inputs.description}", highlight=False)
-            out.print(pred.table(most=rows), highlight=False, crop=False, soft_wrap=True)
+            for table in pred.tables(most=rows, width=out.width):
+                _show(table)
             if output is not None:      # the finite samples' means and standard errors (montecarlo.simulate.write)
                 from kernelprop.montecarlo.simulate import write
                 write(pred.finite, output, spec_raw=s.raw)

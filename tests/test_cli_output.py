@@ -281,3 +281,10 @@ def test_simulation_and_check_tables_fit_without_cutting(tmp_path, columns):
     res = invoke(["check", "pre_ln", "-L", "2", "--width", "96", "--seeds", "4", "--gradients"], columns)
     assert res.exit_code in (0, 3), res.output
     assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= columns
+
+
+def test_finite_prediction_tables_fit_the_terminal():
+    res = invoke(["run", "relu_mlp", "-L", "3", "--width", "32", "--samples", "6"], 80)
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) <= 80
+    assert "q_mean: finite prediction (gram, width 32, 6 samples)" in res.stdout and "bias ± se" in res.stdout

@@ -85,27 +85,55 @@ class FinitePrediction:
                         se=self.stderr(k), quantiles=self.quantiles(k), bias=self.bias(k), bias_se=self.bias_se(k))
                 for k in self.measures}
 
-    def table(self, measures=("q_mean", "cos_mean"), most: int = 24) -> str:
-        """A plain-text table: per record and measure the limit, finite mean ± se, s.d., bias ± se."""
+    def title(self) -> str:
         what = f"width {self.width}" if self.width else "infinite width"
         heads = f", {self.heads} heads" if self.heads else ""
-        lines = [f"finite prediction ({self.method}, {what}{heads}, {self.samples} samples) beside the limit"]
-        head = f"{'record':<14}" + "".join(f"{m + ' limit':>18}{'finite mean ± se':>24}{'sd':>10}{'bias ± se':>24}"
-                                          for m in measures)
-        lines.append(head)
-        rows = list(range(len(self.labels)))
-        if len(rows) > most:
-            step = int(np.ceil(len(rows) / most))
-            rows = sorted(set(rows[::step]) | {rows[-1]})
-        for r in rows:
+        return f"finite prediction ({self.method}, {what}{heads}, {self.samples} samples) beside the limit"
+
+    def _rows(self, most: int) -> list:
+        from ..report import pick_rows
+        return pick_rows(len(self.labels), most)
+
+    def table(self, measures=("q_mean", "cos_mean"), most: int = 24) -> str:
+        """A plain-text table: per record and measure the limit, finite mean ± se, s.d., bias ± se (five
+        significant digits, scientific notation where a fixed point would lose them)."""
+        from ..report import num
+        lines = [self.title()]
+        lines.append(f"{'record':<14}" + "".join(
+            f"{m + ' limit':>18}{'finite mean ± se':>24}{'sd':>10}{'bias ± se':>24}" for m in measures))
+        for r in self._rows(most):
             cells = []
             for m in measures:
                 lim, mu, se = self.limit.measures[m][r], self.mean(m)[r], self.stderr(m)[r]
                 b, bse = self.bias(m)[r], self.bias_se(m)[r]
-                cells.append(f"{lim:>18.6f}{f'{mu:.6f} ± {se:.1e}':>24}{self.sd(m)[r]:>10.2e}"
-                             f"{f'{b:+.2e} ± {bse:.1e}':>24}")
+                cells.append(f"{num(lim, 7):>18}{num(mu, 7) + ' ± ' + num(se, 2):>24}{num(self.sd(m)[r], 3):>10}"
+                             f"{num(b, 3) + ' ± ' + num(bse, 2):>24}")
             lines.append(f"{self.labels[r]:<14}" + "".join(cells))
         return "\n".join(lines)
+
+    def tables(self, measures=("q_mean", "cos_mean"), most: int = 24, width: int | None = None) -> list:
+        """One rich table per measure (record, limit, finite mean ± se, s.d., bias ± se), fitted to ``width``
+        like the other summaries (:func:`kernelprop.report.fit`: fewer digits or a tighter layout, never a cut
+        cell)."""
+        from rich.table import Table
+
+        from ..report import fit, num, safe
+        rows = self._rows(most)
+        out = []
+        for m in measures:
+            def build(digits, m=m):
+                t = Table(title=safe(f"{m}: {self.title()}"), header_style="bold")
+                t.add_column("record")
+                for c in ("limit", "finite mean ± se", "s.d.", "bias ± se"):
+                    t.add_column(c, justify="right", no_wrap=True)
+                for r in rows:
+                    se, b, bse = self.stderr(m)[r], self.bias(m)[r], self.bias_se(m)[r]
+                    t.add_row(safe(self.labels[r]), num(self.limit.measures[m][r], digits + 2),
+                              f"{num(self.mean(m)[r], digits + 2)} ± {num(se, 2)}", num(self.sd(m)[r], digits - 2),
+                              f"{num(b, digits - 2)} ± {num(bse, 2)}")
+                return t
+            out.append(fit(build, width))
+        return out
 
 
 def check(network: Network, inputs: Inputs, width, heads, samples, method) -> str:
