@@ -19,27 +19,16 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
+from results import best_of, result
 
 import kernelprop as kp
 from kernelprop import montecarlo as mc
 from kernelprop.montecarlo import sampler as S
-from results import result
 
 EXAMPLES = Path(kp.__file__).parent / "examples"
-
-
-def best_of(fn, repeat=3):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def forward_pass(network, inputs, width, seeds, products, seed=0):
@@ -111,15 +100,15 @@ def table_forward(cases, repeat):
         chains = {}
         for products in ("explicit", "auto"):
             shapes = matmul_shapes(spec.network, spec.inputs, width, seeds, products)
-            chains[products] = (shapes, best_of(bare_chain(shapes), repeat))
-        t_hand = best_of(hand_chain(chains["explicit"][0], seeds), repeat)
+            chains[products] = (shapes, best_of(bare_chain(shapes), repeat, warm=True))
+        t_hand = best_of(hand_chain(chains["explicit"][0], seeds), repeat, warm=True)
         for products in ("explicit", "auto"):
             shapes, t_chain = chains[products]
-            t_fwd = best_of(lambda: forward_pass(spec.network, spec.inputs, width, seeds, products), repeat)
+            t_fwd = best_of(lambda: forward_pass(spec.network, spec.inputs, width, seeds, products), repeat, warm=True)
             # random numbers: weight operands (3-D, seed-stacked) of explicit products, N×fan_out draws in law
             draws = sum(math.prod(b) if len(b) == 3 and len(a) == 3 and a[0] == seeds else 0 for a, b in shapes)
             gens = [np.random.default_rng(i) for i in range(seeds)]
-            t_rng = best_of(lambda: S._fill(gens, (draws // seeds,), "standard_normal"), repeat)
+            t_rng = best_of(lambda: S._fill(gens, (draws // seeds,), "standard_normal"), repeat, warm=True)
             t_exp = chains["explicit"][1]
             result(f"Monte Carlo forward / hand-written numpy chain ({name}, d = {width}, {seeds} seeds batched, "
                    f"{products})", t_fwd / t_hand, "ratio", "<= 1.2")
@@ -138,7 +127,7 @@ def table_batching(cases, repeat):
         def run(batch):
             return lambda: mc.simulate(spec.network, spec.inputs, width, seeds, batch=batch, dong=False,
                                        products=products, keep_kernels=False)
-        t_b, t_l = best_of(run(seeds), repeat), best_of(run(1), repeat)
+        t_b, t_l = best_of(run(seeds), repeat, warm=True), best_of(run(1), repeat, warm=True)
         lines.append(f"| {name} L={depth} | {spec.inputs.n_tokens} | {width} | {seeds} | {products} | "
                      f"{t_b:.3f} | {t_l:.3f} | {t_l / t_b:.2f} |")
     return "\n".join(lines)
@@ -194,7 +183,7 @@ def main():
     print("### Seeds batched against looped\n")
     print(table_batching(bat, repeat), "\n")
     if a.false_alarm:
-        print(f"### False-alarm rate of `check` (nominal family-wise α = 0.01)\n")
+        print("### False-alarm rate of `check` (nominal family-wise α = 0.01)\n")
         print(table_false_alarm(a.false_alarm, false_alarm_configs()), "\n")
 
 

@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
+from results import best_of, result  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import kernelprop as kp  # noqa: E402
@@ -38,19 +39,9 @@ from kernelprop.network.layers import Attention, Network, Residual  # noqa: E402
 CLOCK = time.perf_counter
 
 
-def result(what: str, value: float, unit: str, target: str = "-") -> None:
-    """A headline line for benchmarks/run_all.py: ``RESULT | what | value | unit | target |``."""
-    print(f"RESULT | {what} | {value:.6g} | {unit} | {target} |", flush=True)
-
-
 def best(fn, repeat=3):
-    """Smallest time of ``repeat`` calls by :data:`CLOCK` (the least disturbed by other processes)."""
-    out = np.inf
-    for _ in range(repeat):
-        t0 = CLOCK()
-        fn()
-        out = min(out, CLOCK() - t0)
-    return out
+    """:func:`results.best_of` by the current :data:`CLOCK`."""
+    return best_of(fn, repeat, clock=CLOCK)
 
 
 def bare(t, depth, repeat):

@@ -23,10 +23,10 @@ import sys
 import time
 
 import numpy as np
+from results import result
 
 from kernelprop.kernel import activations as A
 from kernelprop.kernel import quadrature as Q
-from results import result
 
 
 def mish(x):

@@ -23,21 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))     # this checkout's kernelprop
 
+from results import best_of as best  # noqa: E402
+from results import result  # noqa: E402
+
 from kernelprop import inputs as I  # noqa: E402
 from kernelprop.kernel.backward import backpropagate  # noqa: E402
 from kernelprop.layers.attention import matrices as MX  # noqa: E402
 from kernelprop.layers.attention.standard import Estimator  # noqa: E402
 from kernelprop.network.layers import Attention, Network  # noqa: E402
-from results import result  # noqa: E402
-
-
-def best(fn, repeat):
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
 
 
 def plain(layer, sigma, segments):

@@ -21,14 +21,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))   # this checkout's kernelprop
 
+from results import result  # noqa: E402  (the line format of benchmarks/run_all.py)
+
 from kernelprop import models  # noqa: E402
 from kernelprop.sweep import parse_param, sweep  # noqa: E402
-
-try:                                     # the line format of benchmarks/run_all.py
-    from results import result  # type: ignore[import-not-found]
-except ImportError:
-    def result(what: str, value: float, unit: str, target: str = "-") -> None:
-        print(f"RESULT | {what} | {value:.6g} | {unit} | {target} |", flush=True)
 
 MEASURES = ["cos_mean", "q_mean", "stable_rank"]
 

@@ -5,9 +5,10 @@ Usage: python benchmarks/run_all.py [--quick] [--only NAME[,NAME…]]
 (bench_neural_tangents creates its own environment with JAX and Neural Tangents on first run.)
 
 Each script prints, besides its own tables, lines of the form
-``RESULT | <what> | <value> | <unit> | <target> |`` (:func:`results.result`) (target like ``<= 1.5`` or ``>= 3``, or ``-``); this driver
-runs the scripts one after another (never in parallel: they time themselves), collects those lines and
-prints them as one Markdown table with a met/missed column — the README's speed table.
+``RESULT | <what> | <value> | <unit> | <target> |`` (:func:`results.result`; target like ``<= 1.5``,
+``>= 3`` or ``-``); this driver runs the scripts one after another (never in parallel: they time
+themselves), collects those lines and prints them as one Markdown table with a met/missed column — the
+README's speed table.
 """
 
 from __future__ import annotations
