@@ -53,7 +53,7 @@ class ChainAttention(Attention):
         kernel), then the masked, biased softmax per sequence; for a batch of chains (B, N, N) every chain
         draws its own scores (B, H, N, N)."""
         h, n = self.heads, sigma.shape[-1]
-        f = _sqrt_factors(MX.score_kernel(self, sigma, ctx.where))[..., None, :, :]        # (…, 1, N, N)
+        f = MX._sqrt_factor(MX.score_kernel(self, sigma, ctx.where))[..., None, :, :]        # (…, 1, N, N)
         z = ctx.chain_rng.standard_normal(sigma.shape[:-2] + (h, n, n))
         full = np.sqrt(resolved(self.qk_var)) * (f @ z @ np.swapaxes(f, -1, -2))              # (…, H, N, N)
         key = ("chain-offsets", id(self), max(segments))
@@ -65,15 +65,6 @@ class ChainAttention(Attention):
             blocks.append(MX.softmax(full[..., start:start + t, start:start + t] + offsets[:, :t, :t]))
             start += t
         return [(1.0 / h, MX.Dense(segments, [b[..., i, :, :] for b in blocks])) for i in range(h)]
-
-
-def _sqrt_factors(s):
-    """:func:`kernelprop.layers.attention.matrices._sqrt_factor` for one kernel or a stack (…, N, N): F with
-    F Fᵀ = Σ, eigenvalues below N·ε·λ_max of each kernel set to 0."""
-    w, v = np.linalg.eigh(s)
-    top = np.maximum(w[..., -1:], 0.0)
-    w = np.where(w > s.shape[-1] * np.finfo(float).eps * top, w, 0.0)
-    return (v * np.sqrt(w)[..., None, :]) @ np.swapaxes(v, -1, -2)
 
 
 def _plain_only(layer) -> bool:

@@ -468,13 +468,14 @@ def _modified(layer, a, c):
 
 
 def _sqrt_factor(s):
-    """F with F Fᵀ = Σ for PSD Σ (symmetric square root; works for singular, collapsed kernels).
+    """F with F Fᵀ = Σ for PSD Σ (symmetric square root; works for singular, collapsed kernels), for one
+    kernel or a stack (…, N, N).
 
     Eigenvalues below N·ε·λ_max are rounding noise of a singular Σ and are set to 0, so repeated
     tokens (or sequences) keep identical rows of F."""
     w, v = np.linalg.eigh(s)
-    w = np.where(w > len(w) * np.finfo(float).eps * max(w[-1], 0.0), w, 0.0)
-    return (v * np.sqrt(w)) @ v.T
+    w = np.where(w > s.shape[-1] * np.finfo(float).eps * np.maximum(w[..., -1:], 0.0), w, 0.0)
+    return (v * np.sqrt(w)[..., None, :]) @ np.swapaxes(v, -1, -2)
 
 
 # ----------------------------------------------------------------------------------------------
