@@ -300,3 +300,22 @@ def test_batched_chains_have_the_law_of_chains_run_one_by_one(monkeypatch):
     for name in ("cos_mean", "cos_min", "rank_one_distance"):     # (q_mean is 1 up to rounding after LayerNorm)
         p = stats.ks_2samp(batched.samples[name][:, -1], looped.samples[name][:, -1]).pvalue
         assert p > 0.001 / 3, (name, p)
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_a_chain_draw_carries_the_incoming_error_and_no_scaled_error_of_its_own(batch):
+    # a sampled kernel has no estimation error: the chain's attention passes the incoming error through
+    # (the expected-score map would scale it by σ_v²σ_o² = 2 and add its own draw error)
+    from kernelprop import inputs
+    from kernelprop.kernel.maps import Context
+    from kernelprop.kernel.state import KernelState
+    x = inputs.equicorrelated(4, 1.0, 0.3)
+    layer = chain.ChainAttention(heads=2, scores="standard", value_var=2.0)
+    sigma, mean = x.sigma, x.mean
+    err = 0.3 if batch is None else np.array([0.1, 0.2, np.inf])
+    if batch:
+        sigma, mean = np.broadcast_to(sigma, (batch, 4, 4)).copy(), np.broadcast_to(mean, (batch, 4)).copy()
+    ctx = Context()
+    ctx.chain_rng = np.random.default_rng(0)
+    out, _ = layer.kernel_map(KernelState(sigma, mean, x.segments, quad_error=err), ctx)
+    np.testing.assert_array_equal(out.quad_error, 0.3 if batch is None else [0.1, 0.2, 0.0])

@@ -27,7 +27,7 @@ from ..kernel.state import KernelState
 from ..layers.attention import Attention
 from ..layers.attention import matrices as MX
 from ..layers.base import resolved
-from ..layers.composite import Parallel, Residual, Serial
+from ..layers.composite import Parallel, Residual, Serial, walk
 from ..montecarlo.simulate import Simulation, _Accumulator, _finish
 from ..network.network import Network
 from ..network.walk import RecordPlan, units
@@ -66,26 +66,21 @@ class ChainAttention(Attention):
             start += t
         return [(1.0 / h, MX.Dense(segments, [b[..., i, :, :] for b in blocks])) for i in range(h)]
 
-
-def _plain_only(layer) -> bool:
-    """Whether every chain attention in ``layer`` draws its scores in :meth:`ChainAttention._plain` (so the
-    chains can run as one batch)."""
-    if isinstance(layer, ChainAttention):
-        return layer.rope_theta is None and layer.matrix == "softmax" and layer.attention == "softmax"
-    if isinstance(layer, Residual):
-        return _plain_only(layer.branch)
-    if isinstance(layer, Parallel):
-        return all(_plain_only(b) for b in layer.branches)
-    if isinstance(layer, Serial):
-        return all(_plain_only(c) for c in layer.layers)
-    return True
-
     def kernel_map(self, s, ctx):
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             out, back = super().kernel_map(s, ctx)
-        # no error estimate of the mean: the draw is the sample itself
-        return out.replace(quad_error=s.quad_error if np.isfinite(s.quad_error) else 0.0), back
+        # no error estimate of the mean: the draw is the sample itself (one error per chain in a batch)
+        q = np.asarray(s.quad_error, dtype=float)
+        q = np.where(np.isfinite(q), q, 0.0)
+        return out.replace(quad_error=q if q.ndim else float(q)), back
+
+
+def _plain_only(layer) -> bool:
+    """Whether every chain attention in ``layer`` draws its scores in :meth:`ChainAttention._plain` (so the
+    chains can run as one batch)."""
+    return all(a.rope_theta is None and a.matrix == "softmax" and a.attention == "softmax"
+               for _, a in walk(layer) if isinstance(a, ChainAttention))
 
 
 def with_heads(layer, heads: int | None, chain: bool):

@@ -32,7 +32,7 @@ from ..errors import NumericalError, SpecError
 from ..kernel.maps import Context
 from ..kernel.state import KernelState
 from ..layers.base import _CHECKS, check_number
-from ..layers.composite import Parallel, Residual, Serial
+from ..layers.composite import Parallel, Residual, Serial, walk
 from ..network import expressions
 
 BATCH_BYTES = 256 * 2 ** 20     # bound on the batch's working kernels: B · 16 · N² · 8 bytes
@@ -57,17 +57,11 @@ def refusal(network) -> str | None:
     if getattr(network, "shared_weights", False):
         return "shared_weights = true runs on the joint-state interpreter (one kernel at a time)"
     for part in ("stem", "block", "final"):
-        for layer in _layers(getattr(network, part)):
+        for _, layer in walk(getattr(network, part)):
             why = _layer_refusal(layer)
             if why:
                 return why
     return None
-
-
-def _layers(layer):
-    yield layer
-    for child in layer.children():
-        yield from _layers(child)
 
 
 def _layer_refusal(layer) -> str | None:
@@ -284,7 +278,7 @@ class _Batch:
 
     def resolved(self, layer, members, l):
         out = resolve(layer, self.env(members, l))
-        for sub in _layers(out):
+        for _, sub in walk(out):
             why = _layer_refusal(sub)
             if why:
                 raise _Fallback(why)
