@@ -15,6 +15,7 @@ from ..errors import NotSupportedError, NumericalError
 from ..inputs import Inputs
 from ..network.layers import Network
 from ..network.walk import INPUT, RecordPlan, Unit, units
+from . import heap
 from .maps import Context
 from .ntk import measures as ntk_measures
 from .ntk import rule as ntk_rule
@@ -117,6 +118,7 @@ def propagate(network: Network, inputs: Inputs, *, record: str = "blocks", every
     if names is not None and "cross_cos_mean" in names and len(inputs.segments) < 2:
         from ..errors import SpecError
         raise SpecError("measures", "cross_cos_mean", "compares tokens of different sequences: the input has one")
+    heap.retain()
     with threads_limit(int(inputs.sigma.shape[0]), threads):
         if getattr(network, "shared_weights", False):
             from .shared import propagate as joint

@@ -127,6 +127,8 @@ def simulate(network: Network, inputs: Inputs, width: int, seeds: int = 16, *, i
     weights and biases (stem and final layers keep their own), formed explicitly (``products`` is then
     ``"explicit"``: a projected draw assumes one use per matrix).
     """
+    from ..kernel import heap
+    heap.retain()
     if products not in ("auto", "explicit"):
         raise SpecError("products", products, "must be \"auto\" or \"explicit\"")
     shared = bool(getattr(network, "shared_weights", False))

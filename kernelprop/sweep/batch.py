@@ -140,7 +140,9 @@ def execute(jobs: list, inputs, measures, spectral, done: Callable[[int, object]
     that can batch run as batches of at most :func:`batch_size` members, the others one by one
     (``_execute``). ``done(i, outcome)`` is called as each job's outcome is known (a batch's members as
     they leave it); what it raises stops the sweep."""
+    from ..kernel import heap
     from .compute import _execute
+    heap.retain()
     outcomes: list = [None] * len(jobs)
 
     def finish(i, outcome):
