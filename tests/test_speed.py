@@ -238,6 +238,21 @@ def test_propagate_runs_under_the_thread_limit():
     assert seen and set(seen) == {1}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backpropagate_runs_under_the_thread_limit(threads):
+    from kernelprop.kernel.backward import backpropagate
+    seen = []
+
+    def progress(done, total):
+        seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    backpropagate(build("pre_ln", 2), I.equicorrelated(8, 1.0, 0.3), threads=threads, progress=progress)
+    assert seen and set(seen) == {threads}
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before   # restored
+    with pytest.raises(SpecError, match="threads"):
+        backpropagate(build("pre_ln", 2), I.equicorrelated(8, 1.0, 0.3), threads=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # lazy imports
 

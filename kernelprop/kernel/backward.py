@@ -40,8 +40,10 @@ from ..errors import NumericalError, SpecError
 from ..inputs import Inputs
 from ..network.network import Network
 from ..network.walk import INPUT, RecordPlan, units
+from . import heap
 from .maps import Context
 from .propagate import Records, forward, run_unit
+from .threads import limit as threads_limit
 
 _MEMORY = 1 << 30  # bytes of stored forward states before checkpointing kicks in
 
@@ -124,15 +126,22 @@ def output_gradient(kind, n: int, rho: float = 0.0) -> np.ndarray:
 
 def backpropagate(network: Network, inputs: Inputs, *, output_grad="identity", rho: float = 0.0,
                   every: int = 1, keep_kernels: bool = True, quad_nodes: int | None = None,
-                  progress=None) -> GradientTrajectory:
+                  progress=None, threads: int | None = None) -> GradientTrajectory:
     """Forward pass, then the gradient kernel from the output (``Π_L = output_grad``) back to the input.
 
     Records ``Π`` = ∂loss/∂(output of each recorded unit) at the same records as :func:`propagate`
     with ``record="blocks"`` (``input`` is the gradient with respect to the input). The forward pass
     runs once and yields ``.forward``; each layer's backward rule is the closure its kernel map
     returned. Beyond ≈ 1 GiB of stored states the rules are not kept: the input state of every k-th
-    unit is, and each stretch is re-run (same draws) just before its backward pass.
+    unit is, and each stretch is re-run (same draws) just before its backward pass. BLAS threads as
+    :func:`~kernelprop.kernel.propagate.propagate` (``threads``; :func:`kernelprop.kernel.threads.choose`).
     """
+    heap.retain()
+    with threads_limit(inputs.n_tokens, threads):
+        return _backpropagate(network, inputs, output_grad, rho, every, keep_kernels, quad_nodes, progress)
+
+
+def _backpropagate(network, inputs, output_grad, rho, every, keep_kernels, quad_nodes, progress):
     plan = RecordPlan(network, "blocks", every)
     all_units = list(units(network))
     n = inputs.n_tokens
