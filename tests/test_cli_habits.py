@@ -34,7 +34,10 @@ def test_version_prints_the_project_version():
     assert kernelprop.__version__ == declared
 
 
-def test_show_completion_prints_a_bash_script():
+def test_show_completion_prints_a_bash_script(monkeypatch):
+    # typer detects the shell from the process tree (shellingham), which fails in a detached job: fix it to bash
+    import typer.completion
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
     res = runner.invoke(app, ["--show-completion", "bash"], prog_name="kernelprop")
     assert res.exit_code == 0, res.output
     assert "complete" in res.stdout and "_KERNELPROP_COMPLETE" in res.stdout and "COMP_WORDS" in res.stdout
