@@ -164,16 +164,18 @@ def gradients_table(g, most: int = 16, title: str | None = None, width: int | No
     norms of each kind (:func:`kernelprop.io.gradient_rows`; blank where a record is not a whole block)."""
     from .io.tables import gradient_rows
     header, rows = gradient_rows(g)
-    kinds = header[4:]
+    kinds = header[5:]
     picked = pick_rows(len(rows), most, keep=_last_block(g))
+    approx = any(rows[r][4] for r in range(len(rows)))     # an error column only where something is approximate
 
     def build(digits):
         table = _table(title, sampled(len(picked), len(rows)))
-        for c in ["record", "grad norm²", "grad cos", *(k.removeprefix("param_") for k in kinds)]:
+        for c in ["record", "grad norm²", "grad cos", *(["rel. error"] if approx else []),
+                  *(k.removeprefix("param_") for k in kinds)]:
             table.add_column(c, justify="right" if c != "record" else "left", no_wrap=c != "record")
         for r in picked:
-            label, _, q, cos, *vals = rows[r]
-            table.add_row(safe(label), num(q, digits), num(cos, digits),
+            label, _, q, cos, err, *vals = rows[r]
+            table.add_row(safe(label), num(q, digits), num(cos, digits), *([f"{err:.1e}"] if approx else []),
                           *("" if v != v else num(v, digits) for v in vals))
         return table
     return fit(build, width)

@@ -116,5 +116,5 @@ def test_gradients_command(tmp_path):
     res = runner.invoke(app, ["gradients", "--preset", "post_ln", "-L", "10", "--tokens", "6", "-o", str(out)])
     assert res.exit_code == 0 and "diagnosis:" in res.stdout
     header, *rows = out.read_text().splitlines()
-    assert header.startswith("record,block,grad_q_mean,grad_cos_mean,param_")
+    assert header.startswith("record,block,grad_q_mean,grad_cos_mean,grad_error,param_")
     assert rows[0].startswith("input,0,") and rows[-1].startswith("block 10,10,1.0,")

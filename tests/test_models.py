@@ -102,9 +102,10 @@ def test_gradient_rows_have_parameter_norms_only_at_whole_blocks():
     s = models.preset("pre_ln", 3, options=models.PresetOptions(tokens=4))
     g = backpropagate(s.network, s.inputs, keep_kernels=False)
     header, rows = io.gradient_rows(g)
-    assert header[:4] == ["record", "block", "grad_q_mean", "grad_cos_mean"] and header[4:]
+    assert header[:5] == ["record", "block", "grad_q_mean", "grad_cos_mean", "grad_error"] and header[5:]
     for row in rows:
-        params = np.array(row[4:], dtype=float)
+        assert row[4] == 0.0            # tied scores, ReLU: every backward map is exact
+        params = np.array(row[5:], dtype=float)
         assert np.all(np.isfinite(params)) == row[0].startswith("block ")
 
 

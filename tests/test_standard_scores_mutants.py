@@ -78,19 +78,24 @@ def test_reported_errors_are_the_spread_over_seeds():
     lie between the largest per-entry variance of the estimates over the seeds (``E max ≥ max E``) and the
     sum over the three distinct entries (``E max ≤ Σ E``), within 4 standard errors (delta method; 4 so
     that each one-sided comparison has a false-alarm rate below 1e-4). A variance weighted by 1/H instead
-    of 1/H², or divided by k(k + 1) instead of k(k − 1), is outside."""
+    of 1/H², or divided by k(k + 1) instead of k(k − 1), is outside. The same for the score path of the backward
+    (``score_error``, docs/theory.md §11.6), under a QK-norm rescaling."""
     layer = Attention(scores="standard", qk_var=1.0, score_samples=3, bias="alibi", heads=4)
-    fwd, bwd, xf, xb = [], [], [], []
+    fwd, bwd, score, xf, xb, xs = [], [], [], [], [], []
     iu = np.triu_indices(2)
+    rescale = np.array([1.3, 0.8])       # QK-norm's 1/√Σ_ii: the score path's error scales by max r²
     for seed in range(1500):
         est = Estimator(layer, KERNEL, (2,), {}, seed=(seed,))
         q = est.quantile()
         (k,), _, (e,) = est.forward([KERNEL])
         fwd.append(k[iu])
         xf.append((e / q) ** 2)
-        bwd.append(est.backward(PI)[0][iu])
+        back, _, extra = est.backward(PI, KERNEL, {"keys": KERNEL, "rescale": rescale})
+        bwd.append(back[iu])
         xb.append((est.back_error / q) ** 2)
-    for values, x in ((np.array(fwd), np.array(xf)), (np.array(bwd), np.array(xb))):
+        score.append(extra[iu])
+        xs.append((est.score_error / q) ** 2)
+    for values, x in ((np.array(fwd), np.array(xf)), (np.array(bwd), np.array(xb)), (np.array(score), np.array(xs))):
         n = len(x)
         dev2 = (values - values.mean(axis=0)) ** 2
         var = dev2.sum(axis=0) / (n - 1)

@@ -21,16 +21,17 @@ def write_csv(path, header: list, rows) -> Path:
 
 def gradient_rows(g) -> tuple[list, list]:
     """``(header, rows)`` of a :class:`~kernelprop.kernel.backward.GradientTrajectory`: per record its
-    label, block, ``grad_q_mean``, ``grad_cos_mean`` and, at whole-block records, the block's summed
-    parameter-gradient norms of each kind (``param_<kind>``; NaN elsewhere)."""
+    label, block, ``grad_q_mean``, ``grad_cos_mean``, ``grad_error`` (the relative error of the gradient kernel)
+    and, at whole-block records, the block's summed parameter-gradient norms of each kind (``param_<kind>``;
+    NaN elsewhere)."""
     kinds = sorted({k for *_, k, _ in g.grads})
     per = {k: dict(zip(*g.grad_norms(k))) for k in kinds}
     at_block = set(g.where(section="block", part=None))
     rows = []
     for r in range(len(g.labels)):
         vals = [per[k].get(g.blocks[r], float("nan")) if r in at_block else float("nan") for k in kinds]
-        rows.append([g.labels[r], g.blocks[r], g["grad_q_mean"][r], g["grad_cos_mean"][r], *vals])
-    return ["record", "block", "grad_q_mean", "grad_cos_mean", *(f"param_{k}" for k in kinds)], rows
+        rows.append([g.labels[r], g.blocks[r], g["grad_q_mean"][r], g["grad_cos_mean"][r], g["grad_error"][r], *vals])
+    return ["record", "block", "grad_q_mean", "grad_cos_mean", "grad_error", *(f"param_{k}" for k in kinds)], rows
 
 
 MOMENTS = ("mu", "var", "r", "var_g", "r_g")

@@ -38,6 +38,7 @@ import numpy as np
 from .. import measures as M
 from ..errors import NumericalError, SpecError
 from ..inputs import Inputs
+from ..layers.base import Grads
 from ..network.network import Network
 from ..network.walk import INPUT, RecordPlan, units
 from . import heap
@@ -163,18 +164,19 @@ def _backpropagate(network, inputs, output_grad, rho, every, keep_kernels, quad_
     rows: list = []
     grads: list = []
 
-    def keep(rec, p):
+    def keep(rec, p, err):
         records.append(rec)
         if keep_kernels:
             kernels.append(p.copy())
         m = M.compute(p, inputs.segments, spectral=False)
         rows.append({"grad_q_mean": m["q_mean"], "grad_q_min": m["q_min"], "grad_q_max": m["q_max"],
-                     "grad_cos_mean": m["cos_mean"], "grad_cos_first": m["cos_first"]})
+                     "grad_cos_mean": m["cos_mean"], "grad_cos_first": m["cos_first"], "grad_error": err})
 
+    err = 0.0      # bound on the largest-entry error of Π (docs/theory.md §11.6); the output gradient is exact
     if all_units:
         last = plan.after_unit(all_units[-1])
         if last is not None:
-            keep(last, pi)
+            keep(last, pi, err)
     for u in range(len(all_units) - 1, -1, -1):
         unit = all_units[u]
         if k > 1 and u not in saved:          # re-run the stretch from its checkpoint, keeping the rules
@@ -185,9 +187,10 @@ def _backpropagate(network, inputs, output_grad, rho, every, keep_kernels, quad_
                 saved[v] = backs
         backs = saved.pop(u)
         ctx.where = unit.label
-        unit_grads: list = []
+        unit_grads = Grads(error=err)
         for back in reversed(backs):
             pi = back(pi, unit_grads)
+        err = unit_grads.error
         grads.extend((unit.label, unit.block, path, kind, v) for path, kind, v in unit_grads)
         if not np.isfinite(pi.sum()):
             raise NumericalError(unit.label, "the gradient kernel has NaN or infinite entries (backward)",
@@ -195,10 +198,10 @@ def _backpropagate(network, inputs, output_grad, rho, every, keep_kernels, quad_
         if u > 0:
             rec = plan.after_unit(all_units[u - 1])
             if rec is not None:
-                keep(rec, pi)
+                keep(rec, pi, err)
         if progress is not None and unit.section == "block":
             progress(network.depth - unit.block + 1, network.depth)
-    keep(INPUT, pi)
+    keep(INPUT, pi, err)
     order = list(range(len(records)))[::-1]
     measures = {}
     for name in rows[0]:

@@ -27,7 +27,7 @@ from ..errors import NotSupportedError, SpecError
 from ..kernel import activations
 from ..kernel.quadrature import check_kinks
 from ..kernel.state import UNKNOWN, is_one, nonzero, per
-from .base import Layer, Param, num, register_layer, resolved
+from .base import Layer, Param, carry, num, register_layer, resolved
 
 _NOT_GAUSSIAN = ("acts on a stream that is not zero-mean Gaussian (it follows another activation or dropout "
                  "without a Dense layer in between, or it carries a per-token mean: the input's `mean`, or a "
@@ -110,8 +110,10 @@ class Activation(Layer):
         sig_in, nodes = s.sigma, ctx.quad_nodes
 
         def back(pi, grads):
-            kp, _, _ = self.inner_derivative_kernel(sig_in, nodes)
-            return pi * ((g * a) ** 2 * kp)
+            kp, _, kerr = self.inner_derivative_kernel(sig_in, nodes)
+            res = pi * ((g * a) ** 2 * kp)
+            carry(grads, (g * a) ** 2 * kerr * float(np.max(np.abs(pi))) if kerr else 0.0, res)
+            return res
         return out, back
 
     def inner_kernel(self, sigma, nodes=None):

@@ -74,6 +74,26 @@ def num(default, check="real", doc="", *, kernel=True, unit=False):
     return field(default=default, metadata={"numeric": check, "doc": doc, "kernel": kernel, "unit": unit})
 
 
+class Grads(list):
+    """What a backward rule reports besides the gradient kernel: the parameter-gradient norms (the list's items,
+    ``(path, kind, value)``) and ``error``, the relative error of the gradient kernel Π being passed back
+    (error of its largest entry / that entry; docs/theory.md §11.6). A plain list carries none."""
+
+    def __init__(self, items=(), error: float = 0.0):
+        super().__init__(items)
+        self.error = float(error)
+
+
+def carry(grads, own, out) -> None:
+    """Add a backward rule's own error (``own``: on the largest entry of its output ``out``, e.g. the quadrature
+    of E[φ'φ'] or the sampled score expectations) to the relative error of a :class:`Grads`; no-op on a plain
+    list or when ``own`` is 0."""
+    if not isinstance(grads, Grads) or not own:
+        return
+    top = float(np.max(np.abs(out))) if np.size(out) else 0.0
+    grads.error += float(own) / top if top > 0 else float("inf")
+
+
 def unit_scale(sigma: np.ndarray, offset: float, where: str) -> float:
     """The multiplier ``c`` of :data:`UNIT`: ``c · mean_i Σ_ii + offset = 1`` for the output kernel ``Σ``
     computed at unit variance (``offset``: what is added regardless, e.g. a bias variance)."""

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import NotSupportedError, SpecError
 from ..kernel.state import UNKNOWN, Dependence, KernelState, is_one, nonzero, per
 from ..network import expressions
-from .base import Layer, number_field, register_layer
+from .base import Grads, Layer, number_field, register_layer
 
 _SKIP_NONLINEAR = ("a residual branch ends in a nonlinearity of the skip stream (e.g. an activation with no Dense "
                    "layer after it); its cross kernel with the skip has no closed form here: end the branch with a "
@@ -432,12 +432,22 @@ def _compose(outer: Dependence, alpha, inner, betas, n) -> Dependence:
 
 
 def _back_sum(alpha, betas, backs, deps, n, pi, grads):
+    """``Π_x = α²Π + Σ_b β_b² B_b(Π) + Σ_{s<t} w_s w_t (P_sᵀ Π P_t + h.c.)``. With a :class:`Grads` ledger
+    (relative error e coming in, e_b out of branch b) the sum's relative error is
+    ``(α² m(Π) e + Σ_b β_b² m(B_b) e_b + m(cross) e) / m(Π_x)``, m the largest |entry|: a sum that cancels
+    raises it (docs/theory.md §11.6)."""
     out = (alpha * alpha) * pi
+    e = grads.error if isinstance(grads, Grads) else None
+    top = (lambda x: float(np.max(np.abs(x))) if np.size(x) else 0.0)     # noqa: E731
+    err = 0.0 if not e else abs(alpha * alpha) * top(pi) * e
     for beta, back in zip(betas, backs):
         if beta != 0:
-            branch_grads: list = []
-            out = out + (beta * beta) * back(pi, branch_grads)
+            branch_grads: list = [] if e is None else Grads(error=e)
+            part = back(pi, branch_grads)
+            out = out + (beta * beta) * part
             grads.extend((p, kind, beta * beta * v) for p, kind, v in branch_grads)
+            if e is not None and branch_grads.error:
+                err += beta * beta * top(part) * branch_grads.error
     streams = [("diag", np.ones(n), alpha)] + [(dep.kind, dep.p, b) for dep, b in zip(deps, betas)]
     for i in range(len(streams)):
         for j in range(i + 1, len(streams)):
@@ -448,6 +458,11 @@ def _back_sum(alpha, betas, backs, deps, n, pi, grads):
                 raise NotSupportedError("backward cross term of a branch that ends in a nonlinearity of the skip")
             c = _pt_pi_p(ka, pa, pi, kb, pb)
             out = out + (wa * wb) * (c + c.T)
+            if e:
+                err += 2.0 * abs(wa * wb) * top(c) * e
+    if e is not None:
+        t = top(out)
+        grads.error = 0.0 if not err else (err / t if t > 0 else float("inf"))
     return out
 
 

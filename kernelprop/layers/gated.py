@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import NotSupportedError, NumericalError, SpecError
 from ..kernel import activations
 from ..kernel.state import ZERO, per
-from .base import Layer, Param, choice, num, register_layer, resolved
+from .base import Layer, Param, carry, choice, num, register_layer, resolved
 
 
 @register_layer
@@ -104,15 +104,19 @@ class GatedMLP(Layer):
         hidden = resolved(self.width_factor)
 
         def back(pi, grads):
-            kp, _, _ = activations.derivative_kernel(self.activation, vg * sig_in, self.params,
-                                                     derivative=self.derivative, nodes=nodes)
+            kp, _, kerr = activations.derivative_kernel(self.activation, vg * sig_in, self.params,
+                                                        derivative=self.derivative, nodes=nodes)
             pi_h = vd * pi
             pi_gate = vu * (pi_h * sig_in * kp)      # E[G_g G_gᵀ], G_g = G_h ⊙ u ⊙ φ'(g)
             pi_up = pi_h * k                          # E[G_u G_uᵀ], G_u = G_h ⊙ φ(g)
             grads.append((f"{path}/gate", "dense", width_in * float(np.vdot(sig_in, pi_gate))))
             grads.append((f"{path}/up", "dense", width_in * float(np.vdot(sig_in, pi_up))))
             grads.append((f"{path}/down", "dense", hidden * float(np.vdot(sig_h, pi))))
-            return vg * pi_gate + vu * pi_up
+            res = vg * pi_gate + vu * pi_up
+            # Π' = vd (vg vu Π ⊙ Σ ⊙ K' + vu Π ⊙ K): K' and K carry their quadrature errors
+            carry(grads, vd * float(np.max(np.abs(pi))) * (vg * vu * float(np.max(np.abs(sig_in))) * kerr + vu * err)
+                  if (kerr or err) else 0.0, res)
+            return res
         return out, back
 
     def batch_refusal(self) -> str | None:

@@ -235,9 +235,11 @@ def _gradient_raw(theory, sim, half, atol, rtol):
     iu = np.triu_indices(sim.kernels.shape[-1])
     for r, label in enumerate(labels):
         scale = abs(float(theory.measures["grad_q_mean"][r]))
+        rel = float(theory.measures["grad_error"][r]) if "grad_error" in theory.measures else 0.0   # §11.6
+        own = rel * float(np.max(np.abs(theory.kernels[r])))
         _append(raw, ab, r, label, "grad_kernel", [(int(i), int(j)) for i, j in zip(*iu)], theory.kernels[r][iu],
                 sim.kernels[r][iu], sim.kernel_stderr[r][iu], None if half is None else half.kernels[r][iu],
-                None if half is None else half.kernel_stderr[r][iu], True, atol, rtol, eps * scale)
+                None if half is None else half.kernel_stderr[r][iu], True, atol, rtol, eps * scale + own)
         for name in list(GRAD_TESTED) + list(GRAD_INFO):
             if name not in theory.measures or name not in sim.measures:
                 continue
@@ -246,7 +248,7 @@ def _gradient_raw(theory, sim, half, atol, rtol):
             _append(raw, ab, r, label, name, pos, th, np.atleast_1d(sim.measures[name][r]),
                     np.atleast_1d(sim.stderr[name][r]), None if half is None else np.atleast_1d(half.measures[name][r]),
                     None if half is None else np.atleast_1d(half.stderr[name][r]), name in GRAD_TESTED, atol, rtol,
-                    eps * (1.0 if "cos" in name else scale))
+                    eps + 2.0 * rel if "cos" in name else eps * scale + own)
     depth = sim.forward.network.depth
     for kind in GRAD_KINDS:
         tl, tv = theory.grad_norms(kind)

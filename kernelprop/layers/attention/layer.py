@@ -20,7 +20,7 @@ import numpy as np
 from ...errors import NotSupportedError, NumericalError, SpecError
 from ...inputs import segment_slices
 from ...kernel.state import ZERO, Dependence, is_one, nonzero, per
-from ..base import Layer, Param, choice, num, register_layer, resolved, unit_scale
+from ..base import Layer, Param, carry, choice, num, register_layer, resolved, unit_scale
 from ..composite import axpy
 from . import matrices as MX
 from . import rope
@@ -322,7 +322,9 @@ class Attention(Layer):
             opts = self.score_options(sigma, segments, cache, where)
             if est is not None and self.weight_free:   # 1/sqrt(d_k) scores send O(1) back through the scores
                 out, _, extra = est.backward(pi, sigma, opts)
-                return out + self.qk_var * extra
+                res = out + self.qk_var * extra
+                carry(grads, est.back_error + abs(self.qk_var) * est.score_error, res)
+                return res
             if self.weight_free:   # y = M x: no weights of its own
                 return sum(w * m.kernel_t(pi) for w, m in heads)
             sv = self.value_var if self.values == "dense" else 1.0
@@ -352,6 +354,8 @@ class Attention(Layer):
             out = (sv * so) * out
             if standard:
                 out = out + (self.qk_var * so) * score_pi
+            if est is not None:   # the estimates' own errors (their pairs' spread)
+                carry(grads, abs(sv * so) * est.back_error + abs(self.qk_var * so) * est.score_error, out)
             return out
         return back
 

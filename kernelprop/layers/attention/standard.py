@@ -202,6 +202,7 @@ class Estimator:
         self.ktil, self._ed2 = ktil, None
         self.kernels: list = []          # the forward's estimates, kept for the backward rule
         self.back_error = 0.0            # the error of the last E[MᵀΠM] (largest entry)
+        self.score_error = 0.0           # … of the last score-path kernel
 
     @property
     def ed2(self):
@@ -460,13 +461,14 @@ class Estimator:
         """``E[(1/H) Σ_h M_hᵀ Π M_h]`` (closed form + control-variate pairs as the forward; its error in
         ``back_error``) and, if ``values``
         is given, the draw average of the score terms (:meth:`score_path`: query norm, score-path kernel) over the
-        same antithetic pairs."""
+        same antithetic pairs; the score path's error (largest entry, as ``back_error``) in ``score_error``."""
         be = self.coef[1]
         opts = opts or {}
         keys = opts.get("keys", self.kq)
         rotary = "rope" in opts or not opts       # the layer's score options say whether ρ enters the score path
         out, var = np.zeros((self.n, self.n)), np.zeros((self.n, self.n))
         q, extra = 0.0, (np.zeros((self.n, self.n)) if with_pi and values is not None else None)
+        evar = np.zeros((self.n, self.n)) if extra is not None else None
         for g, ((w, h), p, ed2) in enumerate(zip(self.groups, self.p, self.ed2)):
             m0 = self.m0(p)
             pm0 = pi @ m0
@@ -474,6 +476,7 @@ class Estimator:
             out += w * (m0.T @ pm0 + be * be * self._e_d1pid1(p, pi) + be * (e2 + e2.T))
             acc, sq = np.zeros((self.n, self.n)), np.zeros((self.n, self.n))
             share = w / (2 * self.pairs)
+            ys = (np.zeros((self.n, self.n)), np.zeros((self.n, self.n))) if extra is not None and be else None
             for s in self.draws(g):
                 ap, am = self.softmax(s, h), self.softmax(-s, h)
                 mp, mm = self.mix(ap, p), self.mix(am, p)
@@ -485,15 +488,28 @@ class Estimator:
                 acc += r
                 sq += r * r
                 if values is not None and be:
+                    y = None
                     for a in (ap, am):
                         t, x = self.score_path(a, values, pi, keys, with_pi, rotary)
                         q += share * be * be * t
                         if extra is not None:
-                            extra += (share * be * be) * x
+                            y = x if y is None else (y + x) * 0.5
+                    if ys is not None:
+                        ys[0][...] += y
+                        ys[1][...] += y * y
             mean = acc / self.pairs
             out += w * mean
             var += w * w * np.maximum(sq - self.pairs * mean * mean, 0.0) / (self.pairs * (self.pairs - 1))
-        self.back_error = self.quantile() * float(np.sqrt(np.max(var)))
+            if ys is not None:     # the score path: the mean over pairs of (X(A₊) + X(A₋))/2, weight w β²
+                ym = ys[0] / self.pairs
+                extra += (w * be * be) * ym
+                evar += (w * be * be) ** 2 * np.maximum(ys[1] - self.pairs * ym * ym, 0.0) / (
+                    self.pairs * (self.pairs - 1))
+        quant = self.quantile()
+        self.back_error = quant * float(np.sqrt(np.max(var)))
+        self.score_error = quant * float(np.sqrt(np.max(evar))) if evar is not None else 0.0
         if extra is not None and opts.get("rescale") is not None:
-            extra *= np.outer(opts["rescale"], opts["rescale"])
+            r = np.asarray(opts["rescale"])
+            extra *= np.outer(r, r)
+            self.score_error *= float(np.max(np.abs(r))) ** 2
         return (out + out.T) * 0.5, q, extra
