@@ -356,6 +356,8 @@ def _cross(a: Dependence, ma, b: Dependence, mb, sigma, m):
     """
     if a.kind == "unknown" or b.kind == "unknown":
         raise NotSupportedError(_SKIP_NONLINEAR)
+    if (a.kind == "zero" and not ma.any()) or (b.kind == "zero" and not mb.any()):
+        return None          # P = 0 and m_f = 0 on one side (a fresh weight matrix, no bias): every term vanishes
     n = sigma.shape[-1]
     pm_a, pm_b = _apply_dep(a, m), _apply_dep(b, m)
     ra, rb = ma - pm_a, mb - pm_b

@@ -409,8 +409,10 @@ def _flush_needed(layer, kq) -> bool:
     within ``2 σ_qk² max_i K_ii`` of each other (``|K_ij| ≤ max_i K_ii`` for PSD K, with a margin for rounding)."""
     if layer.bias is not None:
         return True
-    top = float(np.max(np.diagonal(kq, axis1=-2, axis2=-1))) if kq.size else 0.0
-    return not 2.0 * float(np.max(np.abs(layer.qk_var))) * top * (1 + 1e-6) < -_UNDERFLOW   # (one per batch member)
+    top = float(np.diagonal(kq, axis1=-2, axis2=-1).max()) if kq.size else 0.0
+    v = layer.qk_var        # a number, or one per batch member
+    v = abs(float(v)) if np.ndim(v) == 0 else float(np.max(np.abs(v)))
+    return not 2.0 * v * top * (1 + 1e-6) < -_UNDERFLOW
 
 
 def score_sampler(layer, kq: np.ndarray, segments, seed=(0,), cache: dict | None = None):
