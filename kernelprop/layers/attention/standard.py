@@ -422,6 +422,7 @@ class Estimator:
         for g, ((w, h), p, ed2) in enumerate(zip(self.groups, self.p, self.ed2)):
             m0 = self.m0(p)
             xm0 = [x @ m0.T for x in xs]
+            m0xm0 = [m0 @ xm for xm in xm0]             # the same for every draw
             closed = [self._closed(p, ed2, m0, x, xm) for x, xm in zip(xs, xm0)]
             if want_mean:
                 closed.append(m0 + be * ed2)
@@ -431,10 +432,10 @@ class Estimator:
                 mp, mm = self.mix(self.softmax(s, h), p), self.mix(self.softmax(-s, h), p)
                 d1, d2 = self._deltas(s, p)
                 rs = []
-                for x, xm in zip(xs, xm0):
+                for x, xm, mxm in zip(xs, xm0, m0xm0):
                     e2 = d2 @ xm
                     f = 0.5 * (sandwich(mp, x) + sandwich(mm, x))
-                    r = f - (m0 @ xm + be * be * sandwich(d1, x) + be * (e2 + e2.T))
+                    r = f - (mxm + be * be * sandwich(d1, x) + be * (e2 + e2.T))
                     rs.append((r + r.T) * 0.5)
                 if want_mean:
                     rs.append(0.5 * (mp + mm) - m0 - be * d2)
@@ -473,7 +474,8 @@ class Estimator:
             m0 = self.m0(p)
             pm0 = pi @ m0
             e2 = ed2.T @ pm0
-            out += w * (m0.T @ pm0 + be * be * self._e_d1pid1(p, pi) + be * (e2 + e2.T))
+            m0pm0 = m0.T @ pm0                        # the same for every draw
+            out += w * (m0pm0 + be * be * self._e_d1pid1(p, pi) + be * (e2 + e2.T))
             acc, sq = np.zeros((self.n, self.n)), np.zeros((self.n, self.n))
             share = w / (2 * self.pairs)
             ys = (np.zeros((self.n, self.n)), np.zeros((self.n, self.n))) if extra is not None and be else None
@@ -482,7 +484,7 @@ class Estimator:
                 mp, mm = self.mix(ap, p), self.mix(am, p)
                 d1, d2 = self._deltas(s, p)
                 e2 = d2.T @ pm0
-                r = 0.5 * (sandwich_t(mp, pi) + sandwich_t(mm, pi)) - (m0.T @ pm0 + be * be * sandwich_t(d1, pi)
+                r = 0.5 * (sandwich_t(mp, pi) + sandwich_t(mm, pi)) - (m0pm0 + be * be * sandwich_t(d1, pi)
                                                                       + be * (e2 + e2.T))
                 r = (r + r.T) * 0.5
                 acc += r
