@@ -237,7 +237,10 @@ class Dense(Mixing):
         of Σ: ``Σ = L + Lᵀ`` with L its lower triangle (half diagonal), ``D = (A L) Aᵀ`` (trmm, then one
         product: 3T³ flops instead of 4T³) and ``A Σ Aᵀ = D + Dᵀ``. Otherwise the two left products of
         :meth:`Mixing.kernel`. A batch (B, N, N) takes the same route member by member, so a batched run's
-        arithmetic is each member's own run's."""
+        arithmetic is each member's own run's. Both triangular routes make both products in scipy's BLAS: numpy's and
+        scipy's wheels each bundle an OpenBLAS, and on a few cores the idle threads of one spin against the
+        other's work (Pre-LN block at T = 1024 on 2 threads: 90.7 ms with the second product in numpy, 57.9 ms
+        in scipy; benchmarks/bench_propagate.py)."""
         if len(self.blocks) != 1 or not (self.lower or sigma.shape[-1] >= _SPLIT_FROM):
             return super().kernel(sigma)
         a = self.blocks[0]
@@ -246,7 +249,7 @@ class Dense(Mixing):
         return self._kernel(a, sigma)
 
     def _kernel(self, a, sigma):
-        from scipy.linalg.blas import dtrmm
+        from scipy.linalg.blas import dgemm, dtrmm
         if self.lower:
             at = a.T                      # Fortran-ordered view of A: the upper-triangular matrix Aᵀ
             b = dtrmm(1.0, at, sigma.T, side=0, lower=0, trans_a=1)                # (Aᵀ)ᵀ Σᵀ = A Σ (Σ symmetric)
@@ -255,7 +258,8 @@ class Dense(Mixing):
         low = np.tril(sigma)
         low.flat[::len(low) + 1] *= 0.5
         cl = dtrmm(1.0, low.T, a.T, side=0, lower=0, trans_a=0)      # Lᵀ Aᵀ = (A L)ᵀ, Fortran-ordered
-        return symmetrised(cl.T @ a.T, average=False)                # (A L) Aᵀ + its transpose
+        d = dgemm(1.0, cl, a, trans_a=1, trans_b=1)                  # (A L) Aᵀ, Fortran-ordered
+        return symmetrised(d, average=False)                         # … + its transpose
 
     def left(self, x):
         if len(self.blocks) == 1:
