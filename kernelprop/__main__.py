@@ -1,3 +1,3 @@
-from cli import main
+from kernelprop.cli import main
 
 main()

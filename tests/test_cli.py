@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from kernelprop.cli import app
 
 runner = CliRunner()
 

@@ -16,9 +16,8 @@ except ModuleNotFoundError:   # Python 3.10
 from rich.console import Console
 from typer.testing import CliRunner
 
-import cli
 import kernelprop
-from cli import app
+from kernelprop.cli import app, core, options
 from kernelprop.models import examples
 
 runner = CliRunner()
@@ -76,7 +75,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(name):
 @pytest.mark.parametrize("name", sorted(SHORT))
 def test_progress_bar_on_a_terminal_at_small_depth(name, monkeypatch):
     """Depth 2 or 3: the bar is not reserved for long runs; it goes to stderr only, stdout keeps the table."""
-    monkeypatch.setattr(cli, "Console", functools.partial(Console, force_terminal=True, force_interactive=True))
+    monkeypatch.setattr(core, "Console", functools.partial(Console, force_terminal=True, force_interactive=True))
     res = runner.invoke(app, SHORT[name])
     assert res.exit_code in (0, 3), res.output
     assert LABELS[name] in res.stderr and "100%" in res.stderr and HIDE_CURSOR in res.stderr
@@ -85,14 +84,14 @@ def test_progress_bar_on_a_terminal_at_small_depth(name, monkeypatch):
 
 def test_progress_bar_reaches_the_total_the_library_reports(monkeypatch):
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=True, force_interactive=True, width=80))
+    monkeypatch.setattr(core, "err", Console(file=buf, force_terminal=True, force_interactive=True, width=80))
 
     def job(callback):
         for done in range(7):
             callback(done, 6)
         return "result"
 
-    assert cli._with_progress(job, 3, "simulating") == "result"
+    assert core._with_progress(job, 3, "simulating") == "result"
     text = buf.getvalue()
     assert "simulating" in text and "100%" in text
 
@@ -215,10 +214,10 @@ def test_spec_completion_offers_toml_files_too(tmp_path, monkeypatch):
     (tmp_path / "mine.json").write_text("")
     (tmp_path / "pre_ln_copy.toml").write_text("")
     monkeypatch.chdir(tmp_path)
-    assert cli._complete_spec("mi") == ["mine.toml"]
-    assert cli._complete_spec("pre") == ["pre_ln", "pre_ln_copy.toml"]
-    assert cli._complete_spec(str(tmp_path / "m")) == [str(tmp_path / "mine.toml")]
-    assert cli._complete_spec("[") == []
+    assert options._complete_spec("mi") == ["mine.toml"]
+    assert options._complete_spec("pre") == ["pre_ln", "pre_ln_copy.toml"]
+    assert options._complete_spec(str(tmp_path / "m")) == [str(tmp_path / "mine.toml")]
+    assert options._complete_spec("[") == []
 
 
 # ---- notebooks say how long they take and how to run them fast -----------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 import kernelprop as kp
-from cli import app
 from kernelprop import report
+from kernelprop.cli import app
 
 runner = CliRunner()
 NUMBER = re.compile(r"^-?(\d+)(?:\.(\d+))?(?:e(-?\d+))?$")

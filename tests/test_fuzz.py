@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cli import app
+from kernelprop.cli import app
 
 runner = CliRunner()
 EXAMPLES = int(os.environ.get("KERNELPROP_FUZZ_EXAMPLES", "300"))

@@ -5,8 +5,8 @@ import pytest
 from typer.testing import CliRunner
 
 import kernelprop as kp
-from cli import app
 from kernelprop import inputs as I
+from kernelprop.cli import app
 from kernelprop.kernel.propagate import RecordPlan, check_memory
 from kernelprop.network import expressions as E
 

@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import kernelprop as kp  # noqa: E402
-from cli import app  # noqa: E402
 from kernelprop import inputs, plotting  # noqa: E402
+from kernelprop.cli import app  # noqa: E402
 from kernelprop.methods import presets  # noqa: E402
 from kernelprop.network.layers import Dense, LayerNorm, Network, Residual  # noqa: E402
 from kernelprop.sweep import sweep  # noqa: E402

@@ -10,9 +10,9 @@ from threadpoolctl import threadpool_info
 from typer.testing import CliRunner
 
 import kernelprop as kp
-from cli import app
 from kernelprop import inputs as I
 from kernelprop import measures as M
+from kernelprop.cli import app
 from kernelprop.errors import SpecError
 from kernelprop.kernel import threads as TH
 from kernelprop.kernel.state import KernelState

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from cli import app
+from kernelprop.cli import app
 
 runner = CliRunner()
 

@@ -6,8 +6,8 @@ import sympy as sp
 from typer.testing import CliRunner
 
 import kernelprop as kp
-from cli import app
 from kernelprop import symbolic as S
+from kernelprop.cli import app
 from kernelprop.network import expressions
 from kernelprop.network.layers import Attention, Dense, Network, Residual
 from kernelprop.symbolic.symbols import L, Namespace, l, number, parse
