@@ -172,7 +172,7 @@ def _backpropagate(network, inputs, output_grad, rho, every, keep_kernels, quad_
         rows.append({"grad_q_mean": m["q_mean"], "grad_q_min": m["q_min"], "grad_q_max": m["q_max"],
                      "grad_cos_mean": m["cos_mean"], "grad_cos_first": m["cos_first"], "grad_error": err})
 
-    err = 0.0      # bound on the largest-entry error of Π (docs/theory.md §11.6); the output gradient is exact
+    err = 0.0      # the relative error of Π (docs/theory.md §11.6); the output gradient is exact
     if all_units:
         last = plan.after_unit(all_units[-1])
         if last is not None:
