@@ -272,3 +272,21 @@ def test_import_kernelprop_is_lazy():
     assert out[2] == "True True"
     with pytest.raises(AttributeError):
         kp.no_such_name  # noqa: B018
+
+
+def test_the_three_lists_of_public_names_agree():
+    """kernelprop/__init__ names its public names three times (the lazy table, ``__all__``, the imports the type
+    checker sees) and network/layers.py re-exports the layers: a name added to one list only is caught here."""
+    import ast
+    import inspect
+
+    import kernelprop.network.layers as NL
+    tree = ast.parse(inspect.getsource(kp))
+    checked = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    typed = {a.asname or a.name for node in checked.body for a in node.names}
+    errors = {"KernelpropError", "NotSupportedError", "NumericalError", "SpecError"}
+    assert typed == set(kp._LAZY)
+    assert set(kp.__all__) == set(kp._LAZY) | errors | {"__version__"}
+    layers = {n for n in kp._LAZY if kp._LAZY[n][0] == "kernelprop.layers"}
+    assert set(NL.__all__) - {"Network", "choice", "num", "walk"} == layers - {"LAYERS", "register_layer",
+                                                                               "unregister_layer"}
