@@ -9,6 +9,7 @@ zero-score matrix + antithetic control-variate pairs, docs/theory.md §2.7) agai
 Kernels × σ_qk² ∈ {0.01, 0.1, 0.5, 1, 4} × {bidirectional, causal, ALiBi, RoPE}: the reported error must cover
 the distance to the reference (plus the reference's own error: 5 standard errors for the 10⁶ draws)."""
 
+import importlib.util
 import itertools
 import pathlib
 
@@ -24,27 +25,24 @@ VARIANTS = {"bidirectional": {}, "causal": {"causal": True}, "alibi": {"bias": "
 REF = pathlib.Path(__file__).parent / "data" / "standard_scores_ref.npz"
 
 
-def _kernels():
-    rng = np.random.default_rng(5)
-    g = rng.standard_normal((4, 6))
-    wish = g @ g.T / 6
-    d = 1.0 / np.sqrt(np.diag(wish))
-    return {"equicorrelated": 0.5 * np.eye(4) + 0.5, "wishart": 1.3 * wish * d[:, None] * d[None, :]}
+def _generator():
+    """tests/data/make_standard_scores_ref.py, which wrote the cached references: its kernels, Π and ρ are the
+    ones the cache was computed for."""
+    path = pathlib.Path(__file__).parent / "data" / "make_standard_scores_ref.py"
+    spec = importlib.util.spec_from_file_location("make_standard_scores_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _pi():
-    rng = np.random.default_rng(6)
-    g = rng.standard_normal((4, 4))
-    return g @ g.T / 4 + 0.2
+GEN = _generator()
+_kernels, _pi, _rho = GEN.kernels, GEN.pi_matrix, GEN.rho
 
 
-def _rho(delta, theta, dim):
-    w = theta ** (-2.0 * np.arange(dim // 2) / dim)
-    return float(np.mean(np.cos(w * delta)))
-
-
-def _quadrature_t2(kernel, pi, v, opts, nodes):
-    """Exact T = 2 expectations by Gauss–Hermite over (d_0, d_1), ``d_i = S_i0 − S_i1``."""
+def quadrature_t2(kernel, pi, v, opts, nodes, mix=None):
+    """Exact T = 2 expectations ``E[M K Mᵀ]``, ``E[Mᵀ Π M]``, ``E[M]`` (head average) by Gauss–Hermite over
+    (d_0, d_1), ``d_i = S_i0 − S_i1``: each softmax row is a logistic function of one difference. ``M = A``, or
+    ``αI + βA − γC`` for ``mix = {"alpha", "beta", "gamma"}`` (C the zero-score matrix)."""
     cov_s = {}
     for i, j, k, l in itertools.product(range(2), repeat=4):
         r = _rho((j - i) - (l - k), opts["rope_theta"], opts["rope_dim"]) if "rope_theta" in opts else 1.0
@@ -59,20 +57,24 @@ def _quadrature_t2(kernel, pi, v, opts, nodes):
     z = np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
     weights = np.outer(wt, wt).ravel()
     d = z @ fac.T                                           # (nodes², 2)
+    al, be, ga = (0.0, 1.0, 0.0) if mix is None else (mix.get("alpha", 1.0), mix.get("beta", 1.0),
+                                                      mix.get("gamma", 0.0))
     heads = opts.get("heads", 1)
     slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
     fwd, bwd, mean = np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))
     for h in range(heads):
         shift = slopes[h] if "bias" in opts else 0.0        # b_i0 − b_i1 = −s|i| + s|i − 1|: +s (row 0), −s (row 1)
-        a = np.zeros((len(d), 2, 2))
+        a, c = np.zeros((len(d), 2, 2)), np.zeros((2, 2))
         for i, b in ((0, shift), (1, -shift)):
             p0 = 1.0 / (1.0 + np.exp(-(d[:, i] + b)))
             a[:, i, 0], a[:, i, 1] = p0, 1.0 - p0
+            c[i] = (1.0 / (1.0 + np.exp(-b)), 1.0 / (1.0 + np.exp(b)))
         if opts.get("causal"):
-            a[:, 0] = (1.0, 0.0)
-        fwd += np.einsum("n,nij,jk,nlk->il", weights, a, kernel, a) / heads
-        bwd += np.einsum("n,nji,jk,nkl->il", weights, a, pi, a) / heads
-        mean += np.einsum("n,nij->ij", weights, a) / heads
+            a[:, 0], c[0] = (1.0, 0.0), (1.0, 0.0)
+        m = al * np.eye(2) + be * a - ga * c
+        fwd += np.einsum("n,nij,jk,nlk->il", weights, m, kernel, m) / heads
+        bwd += np.einsum("n,nji,jk,nkl->il", weights, m, pi, m) / heads
+        mean += np.einsum("n,nij->ij", weights, m) / heads
     return fwd, bwd, mean
 
 
@@ -83,8 +85,8 @@ CASES = list(itertools.product(_kernels(), SCALES, VARIANTS))
 def test_two_tokens_against_quadrature(kname, v, variant):
     """T = 2: kernel, backward mixing and mean within their reported errors of the exact integrals."""
     kernel, pi, opts = _kernels()[kname][:2, :2], _pi()[:2, :2], VARIANTS[variant]
-    fwd, bwd, mean = _quadrature_t2(kernel, pi, v, opts, 120)
-    rough = _quadrature_t2(kernel, pi, v, opts, 60)
+    fwd, bwd, mean = quadrature_t2(kernel, pi, v, opts, 120)
+    rough = quadrature_t2(kernel, pi, v, opts, 60)
     qerr = [np.max(np.abs(a - b)) + 1e-14 for a, b in zip((fwd, bwd, mean), rough)]
     est = Estimator(Attention(scores="standard", qk_var=v, **opts), kernel, (2,), {}, seed=(11,))
     (got,), got_mean, (err,) = est.forward([kernel], want_mean=True)
@@ -218,7 +220,7 @@ def test_uniform_order_four_against_quadrature_slope(kname):
     scales = (0.4, 0.2, 0.1, 0.05, 0.025)
     rem2, rem4 = [], []
     for v in scales:
-        fwd, _, _ = _quadrature_t2(kernel, pi, v, {}, 120)
+        fwd, _, _ = quadrature_t2(kernel, pi, v, {}, 120)
         est = Estimator(Attention(scores="standard", qk_var=v), kernel, (2,), {}, seed=(1,))
         e2, e4, d2 = est.uniform.closed(kernel, est.coef)
         rem2.append(np.max(np.abs(fwd - e2)))

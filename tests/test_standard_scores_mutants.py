@@ -9,6 +9,7 @@ seeds for the errors."""
 
 import numpy as np
 import pytest
+from test_standard_scores import quadrature_t2  # the T = 2 Gauss–Hermite reference
 
 from kernelprop.layers.attention import Attention
 from kernelprop.layers.attention.standard import Estimator
@@ -20,37 +21,6 @@ MATRICES = {"value_skipinit": {"matrix": "value_skipinit", "alpha": 0.7, "beta":
             "shaped": {"matrix": "shaped", "alpha": 0.8, "beta": 1.2, "gamma": 0.5}}
 
 
-def _exact(kernel, pi, v, opts, mopts, nodes):
-    """``E[M X Mᵀ]``, ``E[Mᵀ Π M]`` and ``E[M]`` (X = kernel), averaged over heads, for T = 2 by a tensor
-    Gauss–Hermite rule over ``(d_0, d_1)``, ``d_i = S_i0 − S_i1``."""
-    cov = v * (kernel[0, 0] + kernel[1, 1] - 2.0 * kernel[0, 1]) * kernel
-    w, u = np.linalg.eigh(cov)
-    fac = u * np.sqrt(np.clip(w, 0.0, None))
-    x, wt = np.polynomial.hermite_e.hermegauss(nodes)
-    wt = wt / wt.sum()
-    z = np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
-    weights = np.outer(wt, wt).ravel()
-    d = z @ fac.T
-    al, be, ga = mopts.get("alpha", 1.0), mopts.get("beta", 1.0), mopts.get("gamma", 0.0)
-    heads = opts.get("heads", 1)
-    slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
-    fwd, bwd, mean = np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))
-    for h in range(heads):
-        shift = slopes[h] if "bias" in opts else 0.0     # ALiBi: b_00 − b_01 = +s, b_10 − b_11 = −s
-        a, c = np.zeros((len(d), 2, 2)), np.zeros((2, 2))
-        for i, b in ((0, shift), (1, -shift)):
-            p0 = 1.0 / (1.0 + np.exp(-(d[:, i] + b)))
-            a[:, i, 0], a[:, i, 1] = p0, 1.0 - p0
-            c[i] = (1.0 / (1.0 + np.exp(-b)), 1.0 / (1.0 + np.exp(b)))
-        if opts.get("causal"):
-            a[:, 0], c[0] = (1.0, 0.0), (1.0, 0.0)
-        m = al * np.eye(2) + be * a - ga * c
-        fwd += np.einsum("n,nij,jk,nlk->il", weights, m, kernel, m) / heads
-        bwd += np.einsum("n,nji,jk,nkl->il", weights, m, pi, m) / heads
-        mean += np.einsum("n,nij->ij", weights, m) / heads
-    return fwd, bwd, mean
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mname", list(MATRICES))
 @pytest.mark.parametrize("v", [0.3, 2.0])
@@ -59,8 +29,8 @@ def test_modified_mixings_two_tokens_against_quadrature(mname, variant, v):
     reported errors (plus the quadrature's) of the exact integrals; ``E[M]`` within β times the tolerance
     the softmax case is held to (no error reported for it)."""
     opts, mopts = VARIANTS[variant], MATRICES[mname]
-    fwd, bwd, mean = _exact(KERNEL, PI, v, opts, mopts, 120)
-    rough = _exact(KERNEL, PI, v, opts, mopts, 60)
+    fwd, bwd, mean = quadrature_t2(KERNEL, PI, v, opts, 120, mopts)
+    rough = quadrature_t2(KERNEL, PI, v, opts, 60, mopts)
     qerr = [float(np.max(np.abs(a - b))) + 1e-14 for a, b in zip((fwd, bwd, mean), rough)]
     est = Estimator(Attention(scores="standard", qk_var=v, **opts, **mopts), KERNEL, (2,), {}, seed=(3,))
     (got,), got_mean, (err,) = est.forward([KERNEL], want_mean=True)
@@ -114,7 +84,7 @@ def test_order_two_closed_form_alone_is_second_order_accurate():
         gaps = []
         for v in (0.04, 0.02):
             est = Estimator(Attention(scores="standard", qk_var=v, **opts, **mopts), KERNEL, (2,), {}, seed=(0,))
-            fwd = _exact(KERNEL, PI, v, opts, mopts, 80)[0]
+            fwd = quadrature_t2(KERNEL, PI, v, opts, 80, mopts)[0]
             gaps.append(float(np.max(np.abs(est.expansion(KERNEL) - fwd))))
             assert gaps[-1] <= 2.0 * v ** 2
         assert 3.6 <= gaps[0] / gaps[1] <= 4.4, gaps
