@@ -10,7 +10,8 @@ come from the heap, and up to 64 MiB of freed heap top stays mapped for the next
 depend on it; the process may keep up to 64 MiB more than it uses.
 
 Left alone when the environment already tunes malloc (a ``MALLOC_*`` variable, or ``GLIBC_TUNABLES`` naming
-``glibc.malloc``) or when ``KERNELPROP_HEAP=system``.
+``glibc.malloc``) or when ``KERNELPROP_HEAP=system`` (``retain``, the default, or unset: as above; anything else
+is a :class:`~kernelprop.errors.SpecError` naming the variable).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def retain() -> str:
 
 
 def _configure() -> str:
-    if os.environ.get(ENV, "").strip().lower() == "system" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") \
+    choice = os.environ.get(ENV, "").strip().lower()
+    if choice not in ("", "retain", "system"):
+        from ..errors import SpecError
+        raise SpecError(ENV, os.environ[ENV], "must be \"retain\" (the default) or \"system\" (leave malloc alone)")
+    if choice == "system" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") \
             or any(k.startswith("MALLOC_") for k in os.environ):
         return "system"
     if not sys.platform.startswith("linux"):

@@ -47,3 +47,24 @@ def test_retained_heap_reuses_freed_temporaries_without_faulting_them_in_again()
 def test_an_environment_that_tunes_malloc_is_left_alone(env):
     state, _ = _run("on", **env)
     assert state == "system"
+
+
+def test_a_misspelt_setting_is_refused_by_name(monkeypatch):
+    from kernelprop.errors import SpecError
+    from kernelprop.kernel import heap
+    monkeypatch.setenv("KERNELPROP_HEAP", "sytem")
+    monkeypatch.setattr(heap, "_state", None)
+    with pytest.raises(SpecError) as info:
+        heap.retain()
+    assert info.value.field == "KERNELPROP_HEAP" and "system" in info.value.allowed
+    assert heap._state is None                # nothing was set
+
+
+def test_the_command_line_exits_2_naming_the_variable(monkeypatch):
+    from typer.testing import CliRunner
+
+    from kernelprop.cli import app
+    from kernelprop.kernel import heap
+    monkeypatch.setattr(heap, "_state", None)
+    res = CliRunner().invoke(app, ["run", "vanilla", "-L", "2"], env={"KERNELPROP_HEAP": "sytem"})
+    assert res.exit_code == 2 and "KERNELPROP_HEAP" in res.stderr
